@@ -1,0 +1,257 @@
+"""Model configurations: frozen, hashable, convertible to and from HF `config.json`.
+
+A config is static metadata: it rides along with params as pytree aux data, so
+`jit` specialises on it and `jax.tree` never sees it.
+
+Example:
+    >>> cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
+    ...                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    >>> cfg.head_dim, cfg.kv_groups
+    (16, 2)
+    >>> LlamaConfig.from_hf(cfg.to_hf()) == cfg
+    True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+from .errors import UnsupportedModelError, InvalidArgumentError
+
+
+def _freeze(value):
+    """Dicts become sorted item tuples so configs stay hashable."""
+    if isinstance(value, dict):
+        return tuple(sorted((k, _freeze(v)) for k, v in value.items()))
+    if isinstance(value, list):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+def _thaw(value):
+    if isinstance(value, tuple) and value and all(isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str) for x in value):
+        return {k: _thaw(v) for k, v in value}
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """Llama-family decoder (Llama 1/2/3, SmolLM, Mistral-without-sliding-window).
+
+    Weight layout everywhere in jaxprune: dense kernels are `[in, out]`.
+    """
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int | None = None
+    head_dim_override: int | None = None
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: tuple | None = None  # frozen dict: rope_type, factor, ...
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    hidden_act: str = "silu"
+    bos_token_id: int | None = 1
+    eos_token_id: int | None = 2
+    # Per-layer shapes of a compacted model, as frozen tuples (None: uniform).
+    layer_shapes: tuple | None = None
+
+    arch = "llama"
+
+    def __post_init__(self):
+        if self.num_key_value_heads is None:
+            object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise InvalidArgumentError(
+                f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}")
+        if self.hidden_act not in ("silu", "swish"):
+            raise UnsupportedModelError(f"Llama hidden_act {self.hidden_act!r} is not supported (only silu)")
+
+    @property
+    def head_dim(self) -> int:
+        return self.head_dim_override or self.hidden_size // self.num_attention_heads
+
+    @property
+    def kv_groups(self) -> int:
+        """Query heads per key/value head."""
+        return self.num_attention_heads // self.num_key_value_heads
+
+    @property
+    def rope(self) -> dict | None:
+        return _thaw(self.rope_scaling) if self.rope_scaling else None
+
+    @classmethod
+    def from_hf(cls, d: dict[str, Any]) -> "LlamaConfig":
+        rope = d.get("rope_scaling") or None
+        theta = d.get("rope_theta")
+        params = d.get("rope_parameters")  # transformers >= 5 spelling
+        if isinstance(params, dict):
+            theta = params.get("rope_theta", theta)
+            if params.get("rope_type", "default") != "default":
+                rope = {k: v for k, v in params.items() if k != "rope_theta"}
+        if rope is not None:
+            rope = dict(rope)
+            rope_type = rope.get("rope_type", rope.get("type", "default"))
+            if rope_type not in ("default", "llama3", "linear"):
+                raise UnsupportedModelError(f"rope scaling type {rope_type!r} is not supported "
+                                            "(supported: default, linear, llama3)")
+            rope["rope_type"] = rope_type
+            rope.pop("type", None)
+            if rope_type == "default":
+                rope = None
+        eos = d.get("eos_token_id", 2)
+        return cls(
+            vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
+            intermediate_size=d["intermediate_size"], num_hidden_layers=d["num_hidden_layers"],
+            num_attention_heads=d["num_attention_heads"],
+            num_key_value_heads=d.get("num_key_value_heads"),
+            head_dim_override=d.get("head_dim") if d.get("head_dim") not in (None, d["hidden_size"] // d["num_attention_heads"]) else None,
+            rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+            rope_theta=theta if theta is not None else 10000.0,
+            rope_scaling=_freeze(rope), max_position_embeddings=d.get("max_position_embeddings", 2048),
+            tie_word_embeddings=d.get("tie_word_embeddings", False),
+            attention_bias=d.get("attention_bias", False), mlp_bias=d.get("mlp_bias", False),
+            hidden_act=d.get("hidden_act", "silu"), bos_token_id=d.get("bos_token_id", 1),
+            eos_token_id=eos[0] if isinstance(eos, list) else eos,
+            layer_shapes=_freeze(d.get("jaxprune_layer_shapes")),
+        )
+
+    def to_hf(self) -> dict[str, Any]:
+        d = {
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+            "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads, "head_dim": self.head_dim,
+            "rms_norm_eps": self.rms_norm_eps, "rope_theta": self.rope_theta,
+            "rope_scaling": self.rope, "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings, "attention_bias": self.attention_bias,
+            "mlp_bias": self.mlp_bias, "hidden_act": self.hidden_act,
+            "bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id,
+            "torch_dtype": "float32",
+        }
+        if self.layer_shapes is not None:
+            d["jaxprune_layer_shapes"] = _thaw(self.layer_shapes)
+        return d
+
+
+@dataclasses.dataclass(frozen=True)
+class OPTConfig:
+    """OPT decoder (facebook/opt-*): learned positions with offset 2, LayerNorm, ReLU MLP."""
+
+    vocab_size: int
+    hidden_size: int
+    ffn_dim: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    max_position_embeddings: int = 2048
+    word_embed_proj_dim: int | None = None
+    do_layer_norm_before: bool = True
+    remove_final_layer_norm: bool = False
+    activation_function: str = "relu"
+    enable_bias: bool = True
+    layer_norm_elementwise_affine: bool = True
+    layer_norm_eps: float = 1e-5
+    bos_token_id: int | None = 2
+    eos_token_id: int | None = 2
+    pad_token_id: int | None = 1
+    layer_shapes: tuple | None = None
+
+    arch = "opt"
+    tie_word_embeddings = True
+    position_offset = 2
+
+    def __post_init__(self):
+        if self.word_embed_proj_dim is None:
+            object.__setattr__(self, "word_embed_proj_dim", self.hidden_size)
+        if self.activation_function not in ("relu", "gelu", "gelu_new"):
+            raise UnsupportedModelError(f"OPT activation {self.activation_function!r} is not supported")
+        if self.hidden_size % self.num_attention_heads:
+            raise InvalidArgumentError(f"hidden_size={self.hidden_size} is not divisible by "
+                                       f"num_attention_heads={self.num_attention_heads}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def num_key_value_heads(self) -> int:
+        return self.num_attention_heads
+
+    @property
+    def intermediate_size(self) -> int:
+        return self.ffn_dim
+
+    @property
+    def kv_groups(self) -> int:
+        return 1
+
+    @property
+    def has_final_layer_norm(self) -> bool:
+        return self.do_layer_norm_before and not self.remove_final_layer_norm
+
+    @classmethod
+    def from_hf(cls, d: dict[str, Any]) -> "OPTConfig":
+        return cls(
+            vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], ffn_dim=d["ffn_dim"],
+            num_hidden_layers=d["num_hidden_layers"], num_attention_heads=d["num_attention_heads"],
+            max_position_embeddings=d.get("max_position_embeddings", 2048),
+            word_embed_proj_dim=d.get("word_embed_proj_dim"),
+            do_layer_norm_before=d.get("do_layer_norm_before", True),
+            remove_final_layer_norm=d.get("_remove_final_layer_norm", False),
+            activation_function=d.get("activation_function", "relu"),
+            enable_bias=d.get("enable_bias", True),
+            layer_norm_elementwise_affine=d.get("layer_norm_elementwise_affine", True),
+            bos_token_id=d.get("bos_token_id", 2), eos_token_id=d.get("eos_token_id", 2),
+            pad_token_id=d.get("pad_token_id", 1),
+            layer_shapes=_freeze(d.get("jaxprune_layer_shapes")),
+        )
+
+    def to_hf(self) -> dict[str, Any]:
+        d = {
+            "architectures": ["OPTForCausalLM"], "model_type": "opt",
+            "vocab_size": self.vocab_size, "hidden_size": self.hidden_size, "ffn_dim": self.ffn_dim,
+            "num_hidden_layers": self.num_hidden_layers, "num_attention_heads": self.num_attention_heads,
+            "max_position_embeddings": self.max_position_embeddings,
+            "word_embed_proj_dim": self.word_embed_proj_dim,
+            "do_layer_norm_before": self.do_layer_norm_before,
+            "_remove_final_layer_norm": self.remove_final_layer_norm,
+            "activation_function": self.activation_function, "enable_bias": self.enable_bias,
+            "layer_norm_elementwise_affine": self.layer_norm_elementwise_affine,
+            "bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id,
+            "pad_token_id": self.pad_token_id, "tie_word_embeddings": True, "torch_dtype": "float32",
+        }
+        if self.layer_shapes is not None:
+            d["jaxprune_layer_shapes"] = _thaw(self.layer_shapes)
+        return d
+
+
+ModelConfig = LlamaConfig | OPTConfig
+
+_BY_MODEL_TYPE = {"llama": LlamaConfig, "opt": OPTConfig, "smollm": LlamaConfig}
+
+
+def config_from_hf(d: dict[str, Any], source: str = "config.json") -> ModelConfig:
+    """Build a config from a parsed HF `config.json`, rejecting unknown architectures."""
+    model_type = d.get("model_type")
+    archs = d.get("architectures") or []
+    if model_type not in _BY_MODEL_TYPE:
+        raise UnsupportedModelError(
+            f"{source}: model_type {model_type!r} (architectures {archs}) is not supported; "
+            f"jaxprune implements: {sorted(set(_BY_MODEL_TYPE) - {'smollm'})}")
+    try:
+        return _BY_MODEL_TYPE[model_type].from_hf(d)
+    except KeyError as e:
+        raise UnsupportedModelError(f"{source}: required field {e.args[0]!r} is missing") from None
+
+
+def config_to_json(cfg: ModelConfig) -> str:
+    return json.dumps(cfg.to_hf(), indent=2, sort_keys=True)

@@ -1,0 +1,1 @@
+"""Checkpoint I/O: HF safetensors directories, GGUF files, name resolution."""

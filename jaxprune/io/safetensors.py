@@ -1,0 +1,77 @@
+"""A small, validating, memory-mapped safetensors reader.
+
+Reading the format ourselves (an 8-byte header length, a JSON header, raw
+little-endian data) gives lazy `np.memmap` views — so a layer can be read without
+the rest of the file — and precise errors for truncated or corrupt files.
+bfloat16 is read through `ml_dtypes` (a JAX dependency).
+
+Example:
+    >>> import numpy as np, tempfile, os
+    >>> from safetensors.numpy import save_file
+    >>> f = os.path.join(tempfile.mkdtemp(), "w.safetensors")
+    >>> save_file({"a": np.ones((2, 3), np.float32)}, f)
+    >>> open_safetensors(f)["a"].shape
+    (2, 3)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+
+import ml_dtypes
+import numpy as np
+
+from ..errors import CheckpointError
+
+DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+    "BOOL": np.bool_, "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
+}
+
+
+def read_header(path: str) -> tuple[dict, int]:
+    """(header dict without metadata, byte offset where tensor data begins)."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > size - 8 or n > 100_000_000:
+            raise CheckpointError(f"{path}: corrupt or truncated safetensors file "
+                                  f"(header claims {n} bytes, file has {size})")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
+    header.pop("__metadata__", None)
+    return header, 8 + n
+
+
+def open_safetensors(path: str) -> dict[str, np.ndarray]:
+    """name -> read-only memory-mapped numpy array, validated against the file size."""
+    header, start = read_header(path)
+    data_len = os.path.getsize(path) - start
+    mm = np.memmap(path, dtype=np.uint8, mode="r", offset=start, shape=(data_len,)) if data_len else None
+    out = {}
+    for name, info in header.items():
+        try:
+            dtype = np.dtype(DTYPES[info["dtype"]])
+            shape = tuple(int(d) for d in info["shape"])
+            begin, end = (int(x) for x in info["data_offsets"])
+        except KeyError as e:
+            raise CheckpointError(f"{path}: tensor {name!r} has an unsupported or missing field {e}") from None
+        need = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if end - begin != need:
+            raise CheckpointError(f"{path}: tensor {name!r} {info['dtype']}{list(shape)} needs {need} bytes "
+                                  f"but the header gives {end - begin}")
+        if end > data_len:
+            raise CheckpointError(f"{path}: truncated file: tensor {name!r} ends at byte {end} of the data "
+                                  f"section but only {data_len} bytes are present")
+        out[name] = mm[begin:end].view(dtype).reshape(shape) if need else np.zeros(shape, dtype)
+    return out

@@ -1,0 +1,114 @@
+"""Model families behind one pure functional face.
+
+`forward(params, tokens, gates=None)` is the whole model; `embed`, `layer` and
+`unembed` are its three stages, so sequential calibration can run one layer at a
+time and streaming can hold one layer in memory.
+
+Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from jaxprune.config import LlamaConfig
+    >>> cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+    ...                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    >>> params = init(cfg, jax.random.key(0))
+    >>> forward(params, jnp.zeros((1, 8), jnp.int32)).shape
+    (1, 8, 64)
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+
+from ..errors import InvalidArgumentError
+from ..params import Params
+from . import gates as gates_lib
+from . import llama, opt
+
+FAMILIES = {"llama": llama, "opt": opt}
+
+
+def family(config):
+    return FAMILIES[config.arch]
+
+
+def shapes(config) -> dict:
+    """Tree of parameter shapes (tuples) that `config` implies."""
+    return family(config).shapes(config)
+
+
+def _is_shape(x):
+    return isinstance(x, tuple) and all(isinstance(d, int) for d in x)
+
+
+def init(config, key, dtype=jnp.float32) -> Params:
+    """Random params for `config`: for tests, examples and benchmarks.
+
+    Kernels, embeddings and biases ~ N(0, 0.02); norm scales ~ 1 + N(0, 0.02).
+    """
+    paths_shapes = jax.tree_util.tree_flatten_with_path(shapes(config), is_leaf=_is_shape)
+    leaves, treedef = paths_shapes
+    keys = jax.random.split(key, len(leaves))
+    out = []
+    for k, (path, shape) in zip(keys, leaves):
+        v = 0.02 * jax.random.normal(k, shape, jnp.float32)
+        if path[-1].key == "scale":
+            v = 1.0 + v
+        out.append(v.astype(dtype))
+    return Params(config, jax.tree.unflatten(treedef, out))
+
+
+def embed(params: Params, tokens, gates=None):
+    """tokens [B, T] -> (hidden states [B, T, D], per-forward context for `layer`)."""
+    return family(params.config).embed(params.config, params.tree, tokens, gates or {})
+
+
+def layer(params: Params, i: int, x, ctx, gates=None):
+    """Apply decoder layer `i` to hidden states x [B, T, D]."""
+    cfg = params.config
+    return family(cfg).layer(cfg, params.tree["layers"][i], x, ctx, gates_lib.layer_gates(gates, i))
+
+
+def unembed(params: Params, x, gates=None):
+    """Final norm (and projection) and LM head: [B, T, D] -> float32 logits [B, T, V]."""
+    return family(params.config).unembed(params.config, params.tree, x, gates or {})
+
+
+def hidden_states(params: Params, tokens, gates=None):
+    """The residual stream after the last layer, before the final norm."""
+    x, ctx = embed(params, tokens, gates)
+    for i in range(len(params.tree["layers"])):
+        x = layer(params, i, x, ctx, gates)
+    return x
+
+
+def _forward(params: Params, tokens, gates=None):
+    return unembed(params, hidden_states(params, tokens, gates), gates)
+
+
+_forward_jit = jax.jit(_forward)
+
+
+def forward(params: Params, tokens, gates=None):
+    """Logits of the model: tokens int32 [B, T] -> float32 logits [B, T, V].
+
+    Pure and jit-compiled; `gates` (see `jaxprune.models.gates`) switch heads,
+    K/V groups, FFN channels, hidden dims, sublayers or layers off, defaulting to
+    keeping everything. `jax.vmap(lambda g: forward(params, tokens, g))(batched_gates)`
+    evaluates many sub-models at once. Inside your own `jit`, it is traced inline.
+
+    Example:
+        >>> import jaxprune as jp, jax.numpy as jnp
+        >>> params = jp.load("smollm2-135m")                        # doctest: +SKIP
+        >>> jp.forward(params, jnp.array([[1, 2, 3]])).shape        # doctest: +SKIP
+        (1, 3, 49152)
+    """
+    if not isinstance(params, Params):
+        raise InvalidArgumentError(
+            f"forward needs jaxprune Params (from jaxprune.load or jaxprune.models.init), got {type(params).__name__}")
+    tokens = jnp.asarray(tokens)
+    if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise InvalidArgumentError(f"tokens must be an integer array [batch, seq], got {tokens.dtype}{list(tokens.shape)}")
+    gates_lib.check_gates(gates)
+    return _forward_jit(params, tokens, gates)

@@ -1,0 +1,116 @@
+"""Building blocks shared by the model families: gated norms, RoPE, causal attention.
+
+All computations that decide quality (norm statistics, softmax) run in float32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+def _kept(hidden_gate, x):
+    """(mask of kept hidden dims broadcastable to x, number kept) or (None, dim)."""
+    if hidden_gate is None:
+        return None, x.shape[-1]
+    keep = (hidden_gate != 0).astype(jnp.float32)
+    return keep, jnp.maximum(keep.sum(), 1.0)
+
+
+class RMSNorm(nn.Module):
+    """Llama RMSNorm; with a hidden gate the mean square runs over kept dims only."""
+
+    eps: float = 1e-6
+
+    @nn.compact
+    def __call__(self, x, hidden_gate=None):
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],))
+        xf = x.astype(jnp.float32)
+        keep, n = _kept(hidden_gate, xf)
+        if keep is not None:
+            xf = xf * keep
+        var = jnp.sum(xf * xf, axis=-1, keepdims=True) / n
+        y = xf * jax.lax.rsqrt(var + self.eps)
+        return (y * scale).astype(x.dtype)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm; with a hidden gate mean and variance run over kept dims only."""
+
+    eps: float = 1e-5
+    affine: bool = True
+
+    @nn.compact
+    def __call__(self, x, hidden_gate=None):
+        xf = x.astype(jnp.float32)
+        keep, n = _kept(hidden_gate, xf)
+        if keep is not None:
+            xf = xf * keep
+        mean = jnp.sum(xf, axis=-1, keepdims=True) / n
+        centred = xf - mean
+        if keep is not None:
+            centred = centred * keep
+        var = jnp.sum(centred * centred, axis=-1, keepdims=True) / n
+        y = centred * jax.lax.rsqrt(var + self.eps)
+        if self.affine:
+            y = y * self.param("scale", nn.initializers.ones, (x.shape[-1],))
+            y = y + self.param("bias", nn.initializers.zeros, (x.shape[-1],))
+        if keep is not None:
+            y = y * keep
+        return y.astype(x.dtype)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None):
+    """RoPE inverse frequencies, with the `linear` and `llama3` scaling rules."""
+    inv = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    if not scaling:
+        return inv
+    kind = scaling.get("rope_type", "default")
+    if kind == "linear":
+        return inv / scaling["factor"]
+    if kind == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_ctx = scaling["original_max_position_embeddings"]
+        low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+        wavelen = 2 * math.pi / inv
+        scaled = jnp.where(wavelen > low_wavelen, inv / factor, inv)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return jnp.where(medium, smoothed, scaled)
+    return inv
+
+
+def rope_tables(positions, inv_freq):
+    """cos/sin tables [T, head_dim] for integer positions [T] (HF's half-split layout)."""
+    ang = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]
+    ang = jnp.concatenate([ang, ang], axis=-1)
+    return jnp.cos(ang), jnp.sin(ang)
+
+
+def apply_rope(x, cos, sin):
+    """Rotate x [B, T, H, Dh] by the tables [T, Dh] (rotate-half convention)."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return (x * cos[None, :, None, :] + rotated * sin[None, :, None, :]).astype(x.dtype)
+
+
+def causal_attention(q, k, v, scale: float):
+    """Causal grouped-query attention.
+
+    q: [B, T, H, Dh]; k, v: [B, T, KV, Dh] with H a multiple of KV. Returns [B, T, H, Dh].
+    Softmax in float32; K/V are never repeated in memory (queries are grouped instead).
+    """
+    B, T, H, Dh = q.shape
+    KV = k.shape[2]
+    qg = q.reshape(B, T, KV, H // KV, Dh)
+    s = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    causal = jnp.tril(jnp.ones((T, T), dtype=bool))
+    s = jnp.where(causal, s, jnp.finfo(jnp.float32).min)
+    p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+    o = jnp.einsum("bkgts,bskd->btkgd", p, v)
+    return o.reshape(B, T, H, Dh)
