@@ -1,0 +1,39 @@
+"""jaxprune: prune large language models in JAX/Flax.
+
+Example:
+    >>> import jaxprune as jp
+    >>> params = jp.load("smollm2-135m")                                   # doctest: +SKIP
+    >>> tok = jp.tokenizer("smollm2-135m")                                 # doctest: +SKIP
+    >>> ev = jp.eval_windows(tok, jp.bundled_text("prideprejudice"), seqlen=512)  # doctest: +SKIP
+    >>> jp.perplexity(params, ev, seqlen=512)                              # doctest: +SKIP
+"""
+
+from .config import LlamaConfig, OPTConfig
+from .data import bundled_text, calibration_windows, eval_windows, read_text
+from .errors import CheckpointError, DataError, InvalidArgumentError, JaxpruneError, UnsupportedModelError
+from .evaluate import perplexity
+from .io.resolve import load, tokenizer
+from .models import forward, init
+from .params import Params
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointError",
+    "DataError",
+    "InvalidArgumentError",
+    "JaxpruneError",
+    "LlamaConfig",
+    "OPTConfig",
+    "Params",
+    "UnsupportedModelError",
+    "bundled_text",
+    "calibration_windows",
+    "eval_windows",
+    "forward",
+    "init",
+    "load",
+    "perplexity",
+    "read_text",
+    "tokenizer",
+]
