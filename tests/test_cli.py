@@ -1,0 +1,56 @@
+"""The `jaxprune` command on a small checkpoint written by transformers."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from jaxprune.cli import main
+
+from conftest import tiny_opt
+
+
+@pytest.fixture(scope="module")
+def opt_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("opt")
+    tiny_opt(vocab_size=300).save_pretrained(str(d))
+    return str(d)
+
+
+def test_info_prints_architecture_and_counts(opt_dir, capsys):
+    assert main(["info", opt_dir]) == 0
+    out = capsys.readouterr().out
+    # 300*64 token + 130*64 position embeddings; per layer 4*(64*64+64) + 2*(2*64) + 2*64*128 + 128 + 64
+    per_layer = 4 * (64 * 64 + 64) + 2 * 128 + (64 * 128 + 128) + (128 * 64 + 64)
+    assert "opt, 2 layers, hidden 64" in out
+    assert f"non-embedding {2 * per_layer + 128:,}" in out
+    assert "fc1" in out
+
+
+def test_eval_on_a_text_file(opt_dir, tmp_path, monkeypatch, capsys):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    import shutil
+    vocab = {chr(i): i - 32 for i in range(32, 127)}
+    vocab["[UNK]"] = 95
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    d = tmp_path / "ckpt"
+    shutil.copytree(opt_dir, d)
+    tk.save(str(d / "tokenizer.json"))
+    text = tmp_path / "t.txt"
+    text.write_text("It is a truth universally acknowledged. " * 20)
+    assert main(["eval", str(d), "--text", str(text), "--seqlen", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "perplexity" in out and "windows x 32 tokens" in out
+
+
+def test_errors_exit_2_with_a_message(capsys):
+    assert main(["info", "/no/such/model"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_console_script_is_installed():
+    r = subprocess.run([sys.executable, "-m", "jaxprune.cli", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "info" in r.stdout and "eval" in r.stdout
