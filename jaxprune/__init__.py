@@ -13,7 +13,10 @@ from .data import bundled_text, calibration_windows, eval_windows, read_text
 from .errors import CheckpointError, DataError, InvalidArgumentError, JaxpruneError, UnsupportedModelError
 from .evaluate import perplexity
 from .io.resolve import load, tokenizer
+from .calibration import input_stats
+from .masks import apply_masks, summary as sparsity_summary
 from .models import forward, init
+from .pruning import default_prunable, magnitude, sparsegpt, wanda
 from .params import Params
 
 __version__ = "0.1.0"
@@ -26,6 +29,13 @@ __all__ = [
     "LlamaConfig",
     "OPTConfig",
     "Params",
+    "apply_masks",
+    "default_prunable",
+    "input_stats",
+    "magnitude",
+    "sparsegpt",
+    "sparsity_summary",
+    "wanda",
     "UnsupportedModelError",
     "bundled_text",
     "calibration_windows",

@@ -1,0 +1,213 @@
+"""Linear-layer input statistics and the layer-by-layer calibration driver.
+
+Inputs of linear layers are captured with `flax.linen.intercept_methods` on
+`nn.Dense`/`nn.DenseGeneral`, the same mechanism for jaxprune's models and for a
+user's own linen model: no second model definition. Statistics are sums over
+tokens (float32), so they add across batches and devices (`psum`):
+
+* ``"sumsq"``: sum_t x_t^2 per input feature (Wanda),
+* ``"hessian"``: sum_t x_t x_t^T (SparseGPT).
+
+Example (statistics of every linear layer of a model, in one jitted forward):
+    >>> import jax, jax.numpy as jnp, jaxprune as jp
+    >>> cfg = jp.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+    ...                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    >>> params = jp.init(cfg, jax.random.key(0))
+    >>> stats = input_stats(params, jnp.zeros((2, 8), jnp.int32), "sumsq")
+    >>> stats["sums"]["['layers'][0]['mlp']['down_proj']['kernel']"].shape, int(stats["count"])
+    ((64,), 16)
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from . import models
+from .errors import InvalidArgumentError
+from .params import Params
+from .progress import progress
+
+STAT_KINDS = ("sumsq", "hessian")
+MODES = ("sequential", "as-you-go", "dense")
+
+
+def plain_path(keypath) -> tuple:
+    """A jax key path as a plain tuple of str/int: ('layers', 0, 'mlp', 'up_proj', 'kernel')."""
+    out = []
+    for k in keypath:
+        out.append(k.key if hasattr(k, "key") else k.idx if hasattr(k, "idx") else getattr(k, "name", str(k)))
+    return tuple(out)
+
+
+def path_key(path: tuple) -> str:
+    """The `jax.tree_util.keystr` spelling of a plain path (keys of statistics dicts)."""
+    return "".join(f"[{p!r}]" for p in path)
+
+
+def input_stat(kind: str, x):
+    x = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+    if kind == "sumsq":
+        return jnp.sum(x * x, axis=0)
+    if kind == "hessian":
+        return x.T @ x
+    raise InvalidArgumentError(f"statistics kind must be one of {STAT_KINDS}, got {kind!r}")
+
+
+def _dense_interceptor(on_dense):
+    def interceptor(next_fun, args, kwargs, context):
+        m = context.module
+        if context.method_name == "__call__" and isinstance(m, (nn.Dense, nn.DenseGeneral)):
+            return on_dense(tuple(m.path), m, args[0], lambda: next_fun(*args, **kwargs))
+        return next_fun(*args, **kwargs)
+    return interceptor
+
+
+def capture(fn: Callable, kind: str, paths=None):
+    """Run `fn()` (which applies linen modules), recording `input_stat(kind, x)` of the input
+    of every `nn.Dense`/`nn.DenseGeneral` call (module path -> stat). Layers that share one
+    input (q/k/v, gate/up) share one statistic computation. Returns (fn(), stats)."""
+    stats, seen = {}, {}
+
+    def on_dense(path, module, x, call):
+        if paths is None or path in paths:
+            if id(x) not in seen:
+                seen[id(x)] = (x, input_stat(kind, x))  # keep x alive so its id stays unique
+            stats[path] = seen[id(x)][1]
+        return call()
+
+    with nn.intercept_methods(_dense_interceptor(on_dense)):
+        out = fn()
+    return out, stats
+
+
+def input_stats(params: Params, tokens, kind: str = "sumsq") -> dict:
+    """Statistics of every linear layer's input in the blocks of the dense model (pure, jit-able).
+
+    Returns {"sums": {keystr(path of kernel): stat}, "count": number of tokens}. Add results of
+    several batches (or `psum` across devices) before passing them to `wanda`/`sparsegpt`.
+    """
+    x, ctx = models.embed(params, tokens)
+    sums = {}
+    for i in range(len(params.tree["layers"])):
+        x, st = capture(lambda: models.layer(params, i, x, ctx), kind)
+        for path, s in st.items():
+            sums[path_key(("layers", i) + path + ("kernel",))] = s
+    return {"sums": sums, "count": jnp.asarray(tokens.size, jnp.float32)}
+
+
+def _get(tree, path):
+    for p in path:
+        tree = tree[p]
+    return tree
+
+
+def _set(tree, path, value):
+    """Copy-on-write set inside nested dicts."""
+    if not path:
+        return value
+    new = dict(tree)
+    new[path[0]] = _set(tree[path[0]], path[1:], value)
+    return new
+
+
+def prune_layer(lp: dict, stats: dict, count, prune_dense: Callable, sparsity: float):
+    """Prune the linear layers of one layer's params `lp` named by the keys of `stats`
+    ({module path: summed statistic}). Returns (new lp, {module path: keep mask})."""
+    masks = {}
+    for path, stat in stats.items():
+        new, masks[path] = prune_dense(path, _get(lp, path), stat, count, sparsity)
+        lp = _set(lp, path, new)
+    return lp, masks
+
+
+def run_layerwise(params: Params, tokens, kind: str | None, prune_dense: Callable, sparsities, targets,
+                  mode: str = "sequential", batch_size: int = 8, show_progress=None,
+                  description: str = "pruning"):
+    """Drive one-shot pruning layer by layer.
+
+    `prune_dense(path, dense, stat, count, sparsity) -> (new dense params, keep mask) | None`
+    prunes one linear layer (`dense` = {"kernel", "bias"?}) from its summed input statistic over
+    `count` tokens. `sparsities[i]` is layer i's target and `targets[i]` the set of module paths
+    (e.g. ('self_attn', 'q_proj')) to prune in layer i. Modes:
+
+    * ``sequential`` (the reference): statistics from the layer as it is, prune, then re-run the
+      pruned layer to produce the next layer's input (two passes per layer);
+    * ``as-you-go``: one pass per layer over all calibration tokens at once; each linear layer is
+      pruned the moment its input arrives, so later sublayers see earlier ones already pruned;
+    * ``dense``: statistics of the unpruned model (the next input is the dense layer's output).
+
+    Returns (new layer param list, list of {module path: keep mask}).
+    """
+    if mode not in MODES:
+        raise InvalidArgumentError(f"mode must be one of {MODES}, got {mode!r}")
+    cfg = params.config
+    fam = models.family(cfg)
+    tokens = jnp.asarray(tokens)
+    n = tokens.shape[0]
+    bs = max(1, min(batch_size, n))
+
+    embed = jax.jit(lambda p, t: models.embed(p, t))
+    xs, ctx = [], None
+    for s in range(0, n, bs):
+        x, ctx = embed(params, tokens[s:s + bs])
+        xs.append(x)
+    X = jnp.concatenate(xs)
+
+    run = jax.jit(lambda lp, x, c: fam.layer(cfg, lp, x, c, {}))
+    stats_pass = jax.jit(lambda lp, x, c: capture(lambda: fam.layer(cfg, lp, x, c, {}), kind))
+    prune = jax.jit(lambda lp, st, cnt, sparsity: prune_layer(lp, st, cnt, prune_dense, sparsity),
+                    static_argnums=3)
+
+    def one_pass(lp, X, ctx, sparsity, target):
+        new_lp, masks = lp, {}
+
+        def on_dense(path, module, x, call):
+            nonlocal new_lp
+            if path not in target:
+                return call()
+            st = input_stat(kind, x) if kind else None
+            new, masks[path] = prune_dense(path, _get(lp, path), st, x.size // x.shape[-1], sparsity)
+            new_lp = _set(new_lp, path, new)
+            y = jnp.dot(x, new["kernel"].astype(x.dtype))
+            return y + new["bias"].astype(y.dtype) if "bias" in new else y
+
+        with nn.intercept_methods(_dense_interceptor(on_dense)):
+            Y = fam.layer(cfg, lp, X, ctx, {})
+        return new_lp, masks, Y
+
+    as_you_go = jax.jit(one_pass, static_argnums=(3, 4))
+
+    def batched(f, lp, X):
+        outs, total = [], None
+        for s in range(0, n, bs):
+            r = f(lp, X[s:s + bs], ctx)
+            if isinstance(r, tuple):
+                r, st = r
+                total = st if total is None else jax.tree.map(jnp.add, total, st)
+            outs.append(r)
+        return jnp.concatenate(outs), total
+
+    new_layers, layer_masks = [], []
+    count = jnp.asarray(float(tokens.size), jnp.float32)
+    layers = params.tree["layers"]
+    for i in progress(range(len(layers)), description, total=len(layers), enabled=show_progress):
+        lp, sparsity, target = layers[i], float(sparsities[i]), frozenset(targets[i])
+        if not target:
+            X = batched(run, lp, X)[0]
+            new_layers.append(lp)
+            layer_masks.append({})
+            continue
+        if mode == "as-you-go":
+            new_lp, masks, X = as_you_go(lp, X, ctx, sparsity, target)
+        else:
+            Y, stats = batched(stats_pass if kind else run, lp, X)
+            stats = {p: v for p, v in stats.items() if p in target} if kind else None
+            new_lp, masks = prune(lp, stats, count, sparsity)
+            X = batched(run, new_lp, X)[0] if mode == "sequential" else Y
+        new_layers.append(new_lp)
+        layer_masks.append(masks)
+    return new_layers, layer_masks

@@ -1,0 +1,186 @@
+"""Mask pytrees: selection (per output row, per layer, global, N:M), apply, summary.
+
+Axis convention: dense kernels are `[in, out]`. An *output row* (Wanda's
+comparison group) is therefore a column `kernel[:, j]`, and N:M groups run along
+the input axis (axis 0): every M consecutive inputs of one output keep N.
+
+Selections keep an exact count: `int(n * sparsity)` entries of each comparison
+group are pruned, and ties are broken deterministically (the lower index is
+kept), so quantized weights with many equal values still hit the target.
+
+A mask pytree has the structure of the params: a bool array of the same shape
+for every leaf, `True` = keep. Leaves that are not pruned get all-`True` masks
+(explicit, never silently absent).
+
+Example:
+    >>> import jax.numpy as jnp
+    >>> w = jnp.array([[1., -4.], [3., 0.5], [-2., 2.], [0.1, 1.]])   # [in=4, out=2]
+    >>> per_output_mask(jnp.abs(w), 0.5).astype(int).T.tolist()
+    [[0, 1, 1, 0], [1, 0, 1, 0]]
+    >>> nm_mask(jnp.abs(w), 1, 2).astype(int).T.tolist()
+    [[0, 1, 1, 0], [1, 0, 1, 0]]
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .errors import InvalidArgumentError
+
+
+def check_sparsity(sparsity) -> float:
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float, np.floating, np.integer)):
+        raise InvalidArgumentError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
+    s = float(sparsity)
+    if not 0.0 <= s < 1.0 or s != s:
+        raise InvalidArgumentError(f"sparsity must lie in [0, 1), got {sparsity!r}")
+    return s
+
+
+def parse_pattern(pattern) -> tuple[int, int] | None:
+    """'2:4' -> (2, 4): keep N of every M consecutive inputs. None/'unstructured' -> None."""
+    if pattern is None or pattern == "unstructured":
+        return None
+    if isinstance(pattern, tuple) and len(pattern) == 2:
+        n, m = pattern
+    else:
+        match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(pattern))
+        if not match:
+            raise InvalidArgumentError(f"pattern must be 'unstructured' or 'N:M' like '2:4', got {pattern!r}")
+        n, m = int(match.group(1)), int(match.group(2))
+    if not (isinstance(n, int) and isinstance(m, int)) or not 0 < n < m:
+        raise InvalidArgumentError(f"N:M pattern needs 0 < N < M, got {n}:{m}")
+    return n, m
+
+
+def keep_top(scores, keep, axis: int = -1):
+    """Bool mask keeping the `keep` largest scores along `axis` (ties: lower index kept)."""
+    s = jnp.moveaxis(scores, axis, -1)
+    order = jnp.argsort(-s.astype(jnp.float32), axis=-1, stable=True)
+    ranks = jnp.argsort(order, axis=-1)
+    return jnp.moveaxis(ranks < keep, -1, axis)
+
+
+def n_pruned(n: int, sparsity: float) -> int:
+    """How many of `n` entries a group at `sparsity` prunes (the reference's int(n * s))."""
+    return int(n * sparsity)
+
+
+def per_output_mask(scores, sparsity: float):
+    """Keep the top (1 - sparsity) of each output's inputs: scores [in, out] (Wanda's rows)."""
+    return keep_top(scores, scores.shape[0] - n_pruned(scores.shape[0], sparsity), axis=0)
+
+
+def per_layer_mask(scores, sparsity: float):
+    """Keep the top (1 - sparsity) of the whole tensor."""
+    return keep_top(scores.reshape(-1), scores.size - n_pruned(scores.size, sparsity)).reshape(scores.shape)
+
+
+def group_size(shape, scope: str) -> int:
+    """Entries per comparison group: the input size for 'row' (2-D kernels), else the tensor size."""
+    return shape[0] if scope == "row" and len(shape) == 2 else int(np.prod(shape))
+
+
+def select_count(scores, n_prune, nm=None, scope: str = "row"):
+    """Like `select`, with the number pruned per group given (may be traced: one compilation
+    serves every sparsity)."""
+    if nm is not None:
+        return nm_mask(scores, *nm)
+    if scope == "row" and scores.ndim == 2:
+        return keep_top(scores, scores.shape[0] - n_prune, axis=0)
+    return keep_top(scores.reshape(-1), scores.size - n_prune).reshape(scores.shape)
+
+
+def nm_mask(scores, n: int, m: int):
+    """Keep the N largest of every M consecutive inputs (axis 0) of each output."""
+    n_in = scores.shape[0]
+    if n_in % m:
+        raise InvalidArgumentError(f"N:M pattern {n}:{m}: M={m} does not divide the input size {n_in}")
+    grouped = scores.reshape(n_in // m, m, *scores.shape[1:])
+    return keep_top(grouped, n, axis=1).reshape(scores.shape)
+
+
+def select(scores, sparsity: float, pattern=None, scope: str = "row"):
+    """One tensor's mask: N:M if `pattern`, else per output row ('row') or per tensor ('layer')."""
+    nm = parse_pattern(pattern)
+    if nm is not None:
+        return nm_mask(scores, *nm)
+    if scope == "row" and scores.ndim == 2:
+        return per_output_mask(scores, sparsity)
+    if scope in ("row", "layer"):
+        return per_layer_mask(scores, sparsity)
+    raise InvalidArgumentError(f"scope must be 'row', 'layer' or 'global', got {scope!r}")
+
+
+def global_masks(score_tree, sparsity: float):
+    """Masks keeping the top (1 - sparsity) of all scores in `score_tree` together."""
+    leaves, treedef = jax.tree.flatten(score_tree)
+    sizes = [x.size for x in leaves]
+    flat = jnp.concatenate([x.reshape(-1).astype(jnp.float32) for x in leaves])
+    keep = keep_top(flat, flat.size - n_pruned(flat.size, sparsity))
+    out, start = [], 0
+    for x, n in zip(leaves, sizes):
+        out.append(keep[start:start + n].reshape(x.shape))
+        start += n
+    return jax.tree.unflatten(treedef, out)
+
+
+def full_masks(params):
+    """All-keep masks shaped like `params`."""
+    return jax.tree.map(lambda p: jnp.ones(jnp.shape(p), bool), params)
+
+
+def _structure_error(params, masks):
+    pt, mt = jax.tree.structure(params), jax.tree.structure(masks)
+    if pt != mt:
+        p_paths = {jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
+        m_paths = {jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(masks)[0]}
+        only_p, only_m = sorted(p_paths - m_paths)[:3], sorted(m_paths - p_paths)[:3]
+        return (f"masks do not match params: paths only in params {only_p}, only in masks {only_m}"
+                if only_p or only_m else f"masks do not match params: tree structures differ ({mt} vs {pt})")
+    for (path, p), m in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(masks)):
+        if jnp.shape(m) != jnp.shape(p):
+            return f"mask {jax.tree_util.keystr(path)} has shape {jnp.shape(m)}, params have {jnp.shape(p)}"
+    return None
+
+
+def apply_masks(params, masks):
+    """Zero every pruned weight: `where(mask, param, 0)` leaf by leaf. Idempotent.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> apply_masks({"w": jnp.array([1., 2.])}, {"w": jnp.array([True, False])})["w"].tolist()
+        [1.0, 0.0]
+    """
+    err = _structure_error(params, masks)
+    if err:
+        raise InvalidArgumentError(err)
+    return jax.tree.map(lambda p, m: jnp.where(m, p, jnp.zeros((), p.dtype)), params, masks)
+
+
+def summary(masks, prunable=None) -> dict:
+    """Sparsity per leaf and overall.
+
+    Returns {"layers": {path: {"size", "zeros", "sparsity"}}, "pruned_size", "pruned_zeros",
+    "pruned_sparsity" (over leaves with any zero, or over `prunable(path)` leaves),
+    "total_size", "total_zeros", "total_sparsity"}.
+    """
+    rows = {}
+    tot = tot_z = pr = pr_z = 0
+    for path, m in jax.tree_util.tree_flatten_with_path(masks)[0]:
+        name = jax.tree_util.keystr(path)
+        size = int(np.size(m))
+        zeros = size - int(np.count_nonzero(np.asarray(m)))
+        rows[name] = {"size": size, "zeros": zeros, "sparsity": zeros / max(size, 1)}
+        tot += size
+        tot_z += zeros
+        is_pruned = prunable(path) if prunable is not None else zeros > 0
+        if is_pruned:
+            pr += size
+            pr_z += zeros
+    return {"layers": rows, "pruned_size": pr, "pruned_zeros": pr_z, "pruned_sparsity": pr_z / max(pr, 1),
+            "total_size": tot, "total_zeros": tot_z, "total_sparsity": tot_z / max(tot, 1)}

@@ -1,0 +1,272 @@
+"""One-shot pruning: `magnitude`, `wanda`, `sparsegpt` on jaxprune `Params`.
+
+Each returns a mask pytree shaped like the params (SparseGPT also returns updated
+weights). The prunable set is every linear layer inside the transformer blocks
+unless `prunable(path)` says otherwise (`path` is a plain tuple such as
+`('layers', 3, 'mlp', 'up_proj', 'kernel')`).
+
+Example:
+    >>> import jaxprune as jp
+    >>> params, tok = jp.load("smollm2-135m"), jp.tokenizer("smollm2-135m")          # doctest: +SKIP
+    >>> calib = jp.calibration_windows(tok, [jp.bundled_text("emma")], n=32, seqlen=512)  # doctest: +SKIP
+    >>> masks = jp.wanda(params, calib, sparsity=0.5)                                  # doctest: +SKIP
+    >>> pruned = jp.apply_masks(params, masks)                                         # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import criteria
+from .calibration import _set, path_key, plain_path, run_layerwise
+from .errors import DataError, InvalidArgumentError
+from .masks import check_sparsity, full_masks, global_masks, group_size, n_pruned, parse_pattern, select_count
+from .params import Params
+from .sparsegpt import block_counts, solve
+
+SCOPES = ("row", "layer", "global")
+
+
+def default_prunable(path: tuple) -> bool:
+    """Every dense kernel inside the transformer blocks (not embeddings, not the LM head)."""
+    return len(path) > 2 and path[0] == "layers" and path[-1] == "kernel"
+
+
+def _kernel_paths(params: Params, prunable) -> list[tuple]:
+    return [plain_path(k) for k, x in jax.tree_util.tree_flatten_with_path(params.tree)[0]
+            if np.ndim(x) == 2 and prunable(plain_path(k))]
+
+
+def _validate(params, sparsity, pattern, scope, prunable):
+    if not isinstance(params, Params):
+        raise InvalidArgumentError(
+            f"expected jaxprune Params (from jaxprune.load); got {type(params).__name__}. "
+            "For your own Flax model use jaxprune.flax_models.wanda/magnitude/sparsegpt")
+    sparsity = check_sparsity(sparsity)
+    nm = parse_pattern(pattern)
+    if scope not in SCOPES:
+        raise InvalidArgumentError(f"scope must be one of {SCOPES}, got {scope!r}")
+    prunable = prunable or default_prunable
+    paths = _kernel_paths(params, prunable)
+    if not paths:
+        raise InvalidArgumentError("the prunable predicate selects no 2-D kernel")
+    tree = params.tree
+    for path in paths:
+        k = tree
+        for p in path:
+            k = k[p]
+        if nm and k.shape[0] % nm[1]:
+            raise InvalidArgumentError(f"N:M pattern {nm[0]}:{nm[1]}: M={nm[1]} does not divide the input size "
+                                       f"{k.shape[0]} of {path_key(path)}")
+        if not bool(jnp.isfinite(k).all()):
+            raise InvalidArgumentError(f"{path_key(path)} holds NaN or Inf weights")
+    return sparsity, nm, prunable, paths
+
+
+def _validate_tokens(params: Params, calib):
+    t = np.asarray(calib)
+    if t.ndim != 2 or t.shape[0] == 0 or t.shape[1] < 2:
+        raise DataError(f"calibration tokens must be an int array [n >= 1, seqlen >= 2], got shape {t.shape}")
+    if not np.issubdtype(t.dtype, np.integer):
+        raise DataError(f"calibration tokens must be integer ids, got {t.dtype}")
+    V = params.config.vocab_size
+    if t.min() < 0 or t.max() >= V:
+        raise DataError(f"calibration token ids must lie in [0, {V}), got [{t.min()}, {t.max()}]")
+    if t.shape[1] > params.config.max_position_embeddings:
+        raise DataError(f"calibration seqlen {t.shape[1]} exceeds the model's context "
+                        f"({params.config.max_position_embeddings})")
+    return jnp.asarray(t, jnp.int32)
+
+
+def _layer_sparsities(params: Params, sparsity: float, per_layer) -> list[float]:
+    L = len(params.tree["layers"])
+    if per_layer is None:
+        return [sparsity] * L
+    per_layer = [float(s) for s in per_layer]
+    if len(per_layer) != L:
+        raise InvalidArgumentError(f"per-layer sparsities have {len(per_layer)} entries for {L} layers")
+    for s in per_layer:
+        check_sparsity(s)
+    return per_layer
+
+
+def _assemble(params: Params, layer_masks, new_layers=None):
+    masks = full_masks(params).tree
+    masks = {**masks, "layers": list(masks["layers"])}
+    for i, lm in enumerate(layer_masks):
+        layer = masks["layers"][i]
+        for path, keep in lm.items():
+            layer = _set(layer, path + ("kernel",), keep)
+        masks["layers"][i] = layer
+    out_masks = params.replace(masks)
+    if new_layers is None:
+        return out_masks
+    return params.replace({**params.tree, "layers": list(new_layers)}), out_masks
+
+
+def _wanda_dense(nm, scope):
+    def prune_dense(path, dense, stat, count, sparsity):
+        kernel = dense["kernel"]
+        scores = criteria.wanda(kernel, stat / count)
+        keep = select_count(scores, n_pruned(group_size(kernel.shape, scope), sparsity), nm, scope)
+        return {**dense, "kernel": jnp.where(keep, kernel, 0)}, keep
+    return prune_dense
+
+
+def _sparsegpt_dense(nm, blocksize, percdamp):
+    def prune_dense(path, dense, stat, count, sparsity):
+        kernel = dense["kernel"]
+        k_full, k_last = block_counts(kernel.shape[1], kernel.shape[0], sparsity, blocksize)
+        new, keep = solve(kernel, 2.0 * stat / count, k_full, k_last, nm=nm, blocksize=blocksize, percdamp=percdamp)
+        return {**dense, "kernel": new}, keep
+    return prune_dense
+
+
+def _targets(params: Params, paths) -> list[set]:
+    """Per layer, the module paths to prune: ('layers', i, *module, 'kernel') -> module."""
+    out = [set() for _ in params.tree["layers"]]
+    for p in paths:
+        out[p[1]].add(tuple(p[2:-1]))
+    return out
+
+
+def _check_layer_only(paths, method):
+    outside = [path_key(p) for p in paths if p[0] != "layers"]
+    if outside:
+        raise InvalidArgumentError(f"{method} prunes linear layers inside the transformer blocks; the prunable "
+                                   f"set also selects {outside[:3]}: prune those with jaxprune.magnitude")
+
+
+def magnitude(params: Params, sparsity: float = 0.5, pattern=None, scope: str = "layer",
+              prunable: Callable | None = None) -> Params:
+    """Masks keeping the largest |W| (Han et al. 2015).
+
+    Args:
+      params: model `Params`.
+      sparsity: fraction pruned in each comparison group, in [0, 1).
+      pattern: None/'unstructured', or 'N:M' (keep N of every M consecutive inputs).
+      scope: comparison group: 'layer' (each weight matrix; the reference's default), 'row'
+        (each output), 'global' (all prunable weights together).
+      prunable: predicate over plain paths; default `default_prunable`.
+
+    Returns:
+      a mask pytree shaped like `params` (True = keep).
+
+    Example:
+        >>> masks = jp.magnitude(params, sparsity=0.5)                 # doctest: +SKIP
+    """
+    sparsity, nm, prunable, paths = _validate(params, sparsity, pattern, scope, prunable)
+    tree = params.tree
+    kernels = {}
+    for path in paths:
+        k = tree
+        for p in path:
+            k = k[p]
+        kernels[path] = k
+    if scope == "global" and nm is None:
+        keep = global_masks({path_key(p): criteria.magnitude(k) for p, k in kernels.items()}, sparsity)
+        chosen = {p: keep[path_key(p)] for p in kernels}
+    else:
+        sel = jax.jit(lambda k, n: select_count(criteria.magnitude(k), n, nm, scope), static_argnums=1)
+        chosen = {p: sel(k, n_pruned(group_size(k.shape, scope), sparsity)) for p, k in kernels.items()}
+    masks = full_masks(params)
+    return jax.tree_util.tree_map_with_path(lambda kp, m: chosen.get(plain_path(kp), m), masks)
+
+
+def wanda(params: Params, calib, sparsity: float = 0.5, pattern=None, scope: str = "row",
+          mode: str = "sequential", per_layer_sparsity: Sequence[float] | None = None,
+          prunable: Callable | None = None, batch_size: int = 8, show_progress=None) -> Params:
+    """Wanda (Sun et al. 2024, "A Simple and Effective Pruning Approach for LLMs").
+
+    Score |W_ij| * ||X_i||_2 (input-feature norms over calibration tokens), compared within each
+    output row by default.
+
+    Args:
+      params: model `Params`.
+      calib: calibration tokens int [n, seqlen] (e.g. `jaxprune.calibration_windows`), or
+        precomputed statistics `{"sums": {keystr(kernel path): sum of x^2 [in]}, "count": tokens}`
+        from `jaxprune.input_stats(..., "sumsq")` (summed over your own batches/devices).
+      sparsity: fraction pruned per comparison group, in [0, 1).
+      pattern: None/'unstructured' or 'N:M' ('2:4', '4:8': keep N of every M inputs).
+      scope: 'row' (each output; Wanda's default) or 'layer' (each matrix).
+      mode: 'sequential' (reference), 'as-you-go' (one pass per layer) or 'dense' (one pass).
+      per_layer_sparsity: one sparsity per layer (e.g. from `jaxprune.owl_sparsities`).
+      prunable: predicate over plain paths; default: linear layers inside the blocks.
+      batch_size: calibration windows per forward.
+
+    Returns:
+      a mask pytree shaped like `params` (True = keep).
+
+    Example:
+        >>> masks = jp.wanda(params, calib, sparsity=0.5, pattern="2:4")   # doctest: +SKIP
+    """
+    sparsity, nm, prunable, paths = _validate(params, sparsity, pattern, scope, prunable)
+    if scope == "global":
+        raise InvalidArgumentError("wanda compares within rows or layers; use scope='row' or 'layer'")
+    _check_layer_only(paths, "wanda")
+    sparsities = _layer_sparsities(params, sparsity, per_layer_sparsity)
+    prune_dense = _wanda_dense(nm, scope)
+    if isinstance(calib, dict):
+        return _assemble(params, _from_stats(params, calib, paths, prune_dense, sparsities, "sumsq"))
+    tokens = _validate_tokens(params, calib)
+    _, layer_masks = run_layerwise(params, tokens, "sumsq", prune_dense, sparsities, _targets(params, paths), mode=mode,
+                                   batch_size=batch_size, show_progress=show_progress, description="wanda")
+    return _assemble(params, layer_masks)
+
+
+def sparsegpt(params: Params, calib, sparsity: float = 0.5, pattern=None, mode: str = "sequential",
+              per_layer_sparsity: Sequence[float] | None = None, blocksize: int = 128, percdamp: float = 0.01,
+              prunable: Callable | None = None, batch_size: int = 8, show_progress=None):
+    """SparseGPT (Frantar & Alistarh 2023): OBS pruning with weight updates, layer by layer.
+
+    Args are as for `wanda`; statistics are Hessians (`input_stats(..., "hessian")`).
+    `blocksize` columns per block (M must divide it for N:M); `percdamp` is the damping
+    fraction of the mean Hessian diagonal.
+
+    Returns:
+      (new params with updated, pruned weights, mask pytree).
+
+    Example:
+        >>> new_params, masks = jp.sparsegpt(params, calib, sparsity=0.5)   # doctest: +SKIP
+    """
+    sparsity, nm, prunable, paths = _validate(params, sparsity, pattern, "layer", prunable)
+    if nm and blocksize % nm[1]:
+        raise InvalidArgumentError(f"blocksize={blocksize} must be a multiple of M={nm[1]}")
+    if not 0 <= percdamp < 1:
+        raise InvalidArgumentError(f"percdamp must lie in [0, 1), got {percdamp}")
+    _check_layer_only(paths, "sparsegpt")
+    sparsities = _layer_sparsities(params, sparsity, per_layer_sparsity)
+    prune_dense = _sparsegpt_dense(nm, blocksize, percdamp)
+    if isinstance(calib, dict):
+        layers, layer_masks = _from_stats(params, calib, paths, prune_dense, sparsities, "hessian", updates=True)
+        return _assemble(params, layer_masks, layers)
+    tokens = _validate_tokens(params, calib)
+    new_layers, layer_masks = run_layerwise(params, tokens, "hessian", prune_dense, sparsities,
+                                            _targets(params, paths), mode=mode,
+                                            batch_size=batch_size, show_progress=show_progress,
+                                            description="sparsegpt")
+    return _assemble(params, layer_masks, new_layers)
+
+
+def _from_stats(params, stats, paths, prune_dense, sparsities, kind, updates=False):
+    """Prune every layer from precomputed statistics (no forward pass)."""
+    from .calibration import prune_layer
+    if "sums" not in stats or "count" not in stats:
+        raise InvalidArgumentError("precomputed statistics must be {'sums': {...}, 'count': n} "
+                                   f"(from jaxprune.input_stats(params, tokens, {kind!r}))")
+    sums, count = stats["sums"], jnp.asarray(stats["count"], jnp.float32)
+    missing = [path_key(p) for p in paths if path_key(p) not in sums]
+    if missing:
+        raise InvalidArgumentError(f"statistics are missing for {missing[:3]} ({len(missing)} kernels)")
+    layers, masks = [], []
+    for i, lp in enumerate(params.tree["layers"]):
+        st = {p[2:-1]: sums[path_key(p)] for p in paths if p[1] == i}
+        new, m = jax.jit(lambda lp, st, c, s: prune_layer(lp, st, c, prune_dense, s), static_argnums=3)(
+            lp, st, count, sparsities[i])
+        layers.append(new)
+        masks.append(m)
+    return (layers, masks) if updates else masks
