@@ -12,10 +12,12 @@ from .config import LlamaConfig, OPTConfig
 from .data import bundled_text, calibration_windows, eval_windows, read_text
 from .errors import CheckpointError, DataError, InvalidArgumentError, JaxpruneError, UnsupportedModelError
 from .evaluate import perplexity
+from .io.export import save
 from .io.resolve import load, tokenizer
 from .calibration import input_stats
 from .masks import apply_masks, summary as sparsity_summary
 from .models import forward, init
+from .owl import owl_sparsities
 from .pruning import default_prunable, magnitude, sparsegpt, wanda
 from .params import Params
 
@@ -33,6 +35,7 @@ __all__ = [
     "default_prunable",
     "input_stats",
     "magnitude",
+    "owl_sparsities",
     "sparsegpt",
     "sparsity_summary",
     "wanda",
@@ -45,5 +48,6 @@ __all__ = [
     "load",
     "perplexity",
     "read_text",
+    "save",
     "tokenizer",
 ]

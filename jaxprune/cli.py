@@ -2,6 +2,8 @@
 
     jaxprune info [MODEL]                       architecture, shapes, parameter counts
     jaxprune eval [MODEL] [--text FILE] [--seqlen 512] [--max-windows N]
+    jaxprune prune [MODEL] --method wanda|sparsegpt|magnitude --sparsity 0.5 [--pattern 2:4]
+                   [--calib FILE ...] --out DIR
 
 MODEL defaults to the bundled `smollm2-135m`; --text defaults to the bundled
 `prideprejudice` (any bundled name, local file or `datasets` source works).
@@ -10,10 +12,11 @@ MODEL defaults to the bundled `smollm2-135m`; --text defaults to the bundled
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
-from .errors import JaxpruneError
+from .errors import CheckpointError, JaxpruneError
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -80,6 +83,84 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_prune(args) -> int:
+    import json
+    import platform
+
+    import jax
+    from rich.console import Console
+    from rich.table import Table
+
+    from . import __version__
+    from .data import CALIBRATION_TEXTS, calibration_windows, eval_windows, read_text
+    from .evaluate import perplexity
+    from .io.export import save
+    from .io.resolve import load, tokenizer
+    from .masks import apply_masks, summary
+    from .owl import owl_sparsities
+    from .pruning import magnitude, sparsegpt, wanda
+
+    console = Console(stderr=True)
+    out = os.path.abspath(args.out)
+    if os.path.exists(out) and not args.overwrite:
+        raise CheckpointError(f"{out} already exists; pass --overwrite to replace it")
+    timings = {}
+    t = time.perf_counter()
+    params = load(args.model)
+    tok = tokenizer(args.model)
+    timings["load_s"] = time.perf_counter() - t
+    calib_sources = args.calib or list(CALIBRATION_TEXTS)
+    calib = calibration_windows(tok, [read_text(c) for c in calib_sources], n=args.n_calib,
+                                seqlen=args.seqlen, seed=args.seed)
+    ev = eval_windows(tok, read_text(args.eval_text), seqlen=args.seqlen, max_windows=args.eval_windows)
+    console.print(f"[bold]{args.model}[/bold]: {args.method} {args.pattern or 'unstructured'} at sparsity "
+                  f"{args.sparsity}, mode {args.mode}; calibration {calib.shape[0]} x {calib.shape[1]} tokens from "
+                  f"{', '.join(calib_sources)}; evaluation {ev.shape[0]} x {ev.shape[1]} tokens of {args.eval_text}")
+    t = time.perf_counter()
+    dense_ppl = perplexity(params, ev, seqlen=args.seqlen, show_progress=args.progress)
+    timings["eval_dense_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    per_layer = owl_sparsities(params, calib, args.sparsity) if args.owl else None
+    kw = dict(pattern=args.pattern, show_progress=args.progress)
+    if args.method == "magnitude":
+        masks = magnitude(params, args.sparsity, pattern=args.pattern)
+        pruned = apply_masks(params, masks)
+    elif args.method == "wanda":
+        masks = wanda(params, calib, args.sparsity, mode=args.mode, per_layer_sparsity=per_layer, **kw)
+        pruned = apply_masks(params, masks)
+    else:
+        pruned, masks = sparsegpt(params, calib, args.sparsity, mode=args.mode, per_layer_sparsity=per_layer, **kw)
+    jax.block_until_ready(pruned)
+    timings["prune_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    pruned_ppl = perplexity(pruned, ev, seqlen=args.seqlen, show_progress=args.progress)
+    timings["eval_pruned_s"] = time.perf_counter() - t
+    s = summary(masks, prunable=lambda p: p[0].key == "layers" and p[-1].key == "kernel")
+    report = {
+        "model": args.model, "method": args.method, "pattern": args.pattern or "unstructured",
+        "sparsity": args.sparsity, "mode": args.mode, "owl": args.owl, "per_layer_sparsity": per_layer,
+        "seed": args.seed, "calibration": {"sources": calib_sources, "n": int(calib.shape[0]), "seqlen": args.seqlen},
+        "evaluation": {"text": args.eval_text, "windows": int(ev.shape[0]), "seqlen": args.seqlen},
+        "perplexity": {"dense": dense_ppl, "pruned": pruned_ppl},
+        "sparsity_achieved": {"prunable": s["pruned_sparsity"], "all_params": s["total_sparsity"]},
+        "layers": {k: v for k, v in s["layers"].items() if v["zeros"]},
+        "timings": timings,
+        "versions": {"jaxprune": __version__, "jax": jax.__version__, "python": platform.python_version(),
+                     "backend": jax.default_backend()},
+    }
+    save(pruned, out, masks=masks, tokenizer=tok, overwrite=args.overwrite,
+         extra_files={"report.json": json.dumps(report, indent=2)})
+    table = Table(title=f"{args.model}: dense vs {args.method} ({args.pattern or 'unstructured'}, {args.sparsity:.0%})")
+    for c in ("model", "sparsity of pruned layers", "perplexity", "time (s)"):
+        table.add_column(c)
+    table.add_row("dense", "0.0%", f"{dense_ppl:.2f}", f"{timings['eval_dense_s']:.1f} (eval)")
+    table.add_row(args.method, f"{s['pruned_sparsity']:.1%}", f"{pruned_ppl:.2f}",
+                  f"{timings['prune_s']:.1f} (prune) + {timings['eval_pruned_s']:.1f} (eval)")
+    Console().print(table)
+    print(f"wrote {out} (Hugging Face checkpoint, masks.safetensors, report.json)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="jaxprune", description="Prune large language models in JAX.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -93,6 +174,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
     p.add_argument("--batch-size", type=int, default=4)
     p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("prune", help="one-shot pruning; writes a checkpoint and report.json")
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+    p.add_argument("--method", choices=("wanda", "sparsegpt", "magnitude"), default="wanda")
+    p.add_argument("--sparsity", type=float, default=0.5)
+    p.add_argument("--pattern", default=None, help="N:M, e.g. 2:4 (default: unstructured)")
+    p.add_argument("--mode", choices=("sequential", "as-you-go", "dense"), default="sequential")
+    p.add_argument("--owl", action="store_true", help="outlier-weighted layer-wise sparsity (OWL)")
+    p.add_argument("--calib", nargs="+", help="calibration texts (default: bundled emma, mansfieldpark)")
+    p.add_argument("--n-calib", type=int, default=32)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-text", default="prideprejudice")
+    p.add_argument("--eval-windows", type=int, default=64)
+    p.add_argument("--out", required=True, help="output directory (HF checkpoint)")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bars (default: on a terminal)")
+    p.set_defaults(func=cmd_prune)
     return ap
 
 

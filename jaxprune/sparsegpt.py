@@ -98,8 +98,7 @@ def solve(kernel, H, k_full, k_last, nm=None, blocksize: int = 128, percdamp: fl
             # exact count per block (see block_counts); padded columns score +inf
             k = jnp.where(b == nblocks - 1, k_last, k_full)
             score = jnp.where(v1[None, :], W1 ** 2 / d1[None, :] ** 2, jnp.inf)
-            order_rank = jnp.argsort(jnp.argsort(score.reshape(-1), stable=True), stable=True)
-            M1 = (order_rank < k).reshape(W1.shape)
+            M1 = ~keep_top(score.reshape(-1), score.size - k).reshape(W1.shape)
         else:
             M1 = jnp.zeros_like(W1, dtype=bool)
 

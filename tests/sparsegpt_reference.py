@@ -23,9 +23,9 @@ def sparsegpt_numpy(W, H, sparsity=0.5, prune_n=0, prune_m=0, blocksize=128, per
         if prune_n == 0:
             tmp = W1 ** 2 / np.diag(Hinv1)[None, :] ** 2
             k = int(tmp.size * sparsity)
-            order = np.argsort(tmp.ravel(), kind="stable")
-            mask1 = np.zeros(tmp.size, bool)
-            mask1[order[:k]] = True
+            order = np.argsort(-tmp.ravel(), kind="stable")  # ties: the lower index is kept
+            mask1 = np.ones(tmp.size, bool)
+            mask1[order[:tmp.size - k]] = False
             mask1 = mask1.reshape(tmp.shape)
         else:
             mask1 = np.zeros_like(W1, dtype=bool)
