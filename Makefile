@@ -22,8 +22,10 @@ $(TEST): $(BASE)
 	$(PIP) install -e ".[test,parity]"
 	touch $@
 
+# The main job: prune SmolLM2-135M with Wanda at 50% on the bundled text and print
+# dense vs pruned perplexity; writes the pruned checkpoint and report.json to runs/demo.
 demo: $(BASE)
-	$(PY) examples/demo.py
+	$(VENV)/bin/jaxprune prune smollm2-135m --method wanda --sparsity 0.5 --out runs/demo --overwrite
 
 test: $(TEST)
 	$(PY) -m pytest -q

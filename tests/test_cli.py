@@ -54,3 +54,31 @@ def test_errors_exit_2_with_a_message(capsys):
 def test_console_script_is_installed():
     r = subprocess.run([sys.executable, "-m", "jaxprune.cli", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "info" in r.stdout and "eval" in r.stdout
+
+
+def test_prune_writes_checkpoint_report_and_table(opt_dir, tmp_path, capsys):
+    import json
+    import shutil
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    import jaxprune as jp
+    vocab = {chr(i): i - 32 for i in range(32, 127)}
+    vocab["[UNK]"] = 95
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    d = tmp_path / "ckpt"
+    shutil.copytree(opt_dir, d)
+    tk.save(str(d / "tokenizer.json"))
+    text = tmp_path / "t.txt"
+    text.write_text("It is a truth universally acknowledged.\n\nThat a single man. " * 30)
+    out = tmp_path / "out"
+    argv = ["prune", str(d), "--method", "wanda", "--sparsity", "0.5", "--calib", str(text), "--n-calib", "4",
+            "--seqlen", "32", "--eval-text", str(text), "--eval-windows", "4", "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "dense" in printed and "wanda" in printed and "50.0%" in printed
+    report = json.loads((out / "report.json").read_text())
+    assert report["method"] == "wanda" and report["sparsity_achieved"]["prunable"] == 0.5
+    assert report["perplexity"]["pruned"] > 0 and "prune_s" in report["timings"]
+    assert jp.sparsity_summary(jp.magnitude(jp.load(str(out)), 0.0))["total_size"] > 0
+    assert main(argv) == 2  # refuses to overwrite
+    assert "already exists" in capsys.readouterr().err

@@ -99,7 +99,7 @@ def apply_rope(x, cos, sin):
     return (x * cos[None, :, None, :] + rotated * sin[None, :, None, :]).astype(x.dtype)
 
 
-def causal_attention(q, k, v, scale: float, chunk: int = 256):
+def causal_attention(q, k, v, scale: float, chunk: int = 128):
     """Causal grouped-query attention.
 
     q: [B, T, H, Dh]; k, v: [B, T, KV, Dh] with H a multiple of KV. Returns [B, T, H, Dh].
@@ -107,22 +107,25 @@ def causal_attention(q, k, v, scale: float, chunk: int = 256):
     The G = H / KV query heads that share a K/V head are stacked as extra rows of
     one matmul (K/V are never repeated), and queries run in chunks of `chunk`
     positions that only see keys up to their own end, so the fully masked upper
-    triangle is never computed. Softmax runs in float32.
+    triangle is never computed. Softmax runs in float32 and is normalised after
+    the value product (one division per output instead of per score).
     """
     B, T, H, Dh = q.shape
     KV = k.shape[2]
     G = H // KV
-    kt = k.transpose(0, 2, 3, 1)  # [B, KV, Dh, T]
-    vt = v.transpose(0, 2, 1, 3)  # [B, KV, T, Dh]
+    kh = k.transpose(0, 2, 1, 3)  # [B, KV, T, Dh]
+    vh = v.transpose(0, 2, 1, 3)
+    q = q * jnp.asarray(scale, q.dtype)
     outs = []
     for c0 in range(0, T, chunk):
         c1 = min(c0 + chunk, T)
         n = c1 - c0
         qc = q[:, c0:c1].reshape(B, n, KV, G, Dh).transpose(0, 2, 3, 1, 4).reshape(B, KV, G * n, Dh)
-        s = jnp.matmul(qc, kt[..., :c1], preferred_element_type=jnp.float32) * scale
+        s = jnp.einsum("bkqd,bksd->bkqs", qc, kh[:, :, :c1], preferred_element_type=jnp.float32)
         row_pos = jnp.tile(jnp.arange(c0, c1), G)
-        s = jnp.where(row_pos[:, None] >= jnp.arange(c1)[None, :], s, jnp.finfo(jnp.float32).min)
-        p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
-        o = jnp.matmul(p, vt[:, :, :c1])
+        s = jnp.where(row_pos[:, None] >= jnp.arange(c1)[None, :], s, -jnp.inf)
+        p = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))
+        o = jnp.einsum("bkqs,bksd->bkqd", p.astype(v.dtype), vh[:, :, :c1], preferred_element_type=jnp.float32)
+        o = (o / jnp.sum(p, axis=-1, keepdims=True)).astype(v.dtype)
         outs.append(o.reshape(B, KV, G, n, Dh).transpose(0, 3, 1, 2, 4).reshape(B, n, H, Dh))
     return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
