@@ -41,11 +41,25 @@ def _kernel_paths(params: Params, prunable) -> list[tuple]:
             if np.ndim(x) == 2 and prunable(plain_path(k))]
 
 
+def _is_user_params(params) -> bool:
+    """A user's own Flax params (linen dict / nnx.State), not jaxprune Params."""
+    if isinstance(params, Params):
+        return False
+    if isinstance(params, dict) or type(params).__name__ == "State":
+        return True
+    raise InvalidArgumentError(f"expected jaxprune Params (from jaxprune.load), a linen params dict or an "
+                               f"nnx.State; got {type(params).__name__}")
+
+
+def _user(params, calib, method, sparsity, pattern, scope, apply_fn, prunable, **kw):
+    from .flax_models import prune_user_model
+    sparsity = check_sparsity(sparsity)
+    if scope not in ("row", "layer"):
+        raise InvalidArgumentError(f"scope must be 'row' or 'layer' for your own Flax model, got {scope!r}")
+    return prune_user_model(params, calib, method, sparsity, parse_pattern(pattern), scope, apply_fn, prunable, **kw)
+
+
 def _validate(params, sparsity, pattern, scope, prunable):
-    if not isinstance(params, Params):
-        raise InvalidArgumentError(
-            f"expected jaxprune Params (from jaxprune.load); got {type(params).__name__}. "
-            "For your own Flax model use jaxprune.flax_models.wanda/magnitude/sparsegpt")
     sparsity = check_sparsity(sparsity)
     nm = parse_pattern(pattern)
     if scope not in SCOPES:
@@ -142,7 +156,7 @@ def _check_layer_only(paths, method):
 
 
 def magnitude(params: Params, sparsity: float = 0.5, pattern=None, scope: str = "layer",
-              prunable: Callable | None = None) -> Params:
+              prunable: Callable | None = None):
     """Masks keeping the largest |W| (Han et al. 2015).
 
     Args:
@@ -151,7 +165,8 @@ def magnitude(params: Params, sparsity: float = 0.5, pattern=None, scope: str = 
       pattern: None/'unstructured', or 'N:M' (keep N of every M consecutive inputs).
       scope: comparison group: 'layer' (each weight matrix; the reference's default), 'row'
         (each output), 'global' (all prunable weights together).
-      prunable: predicate over plain paths; default `default_prunable`.
+      prunable: predicate over plain paths; default `default_prunable` (for your own Flax
+        params: every leaf named `kernel`).
 
     Returns:
       a mask pytree shaped like `params` (True = keep).
@@ -159,6 +174,8 @@ def magnitude(params: Params, sparsity: float = 0.5, pattern=None, scope: str = 
     Example:
         >>> masks = jp.magnitude(params, sparsity=0.5)                 # doctest: +SKIP
     """
+    if _is_user_params(params):
+        return _user(params, None, "magnitude", sparsity, pattern, scope, None, prunable)
     sparsity, nm, prunable, paths = _validate(params, sparsity, pattern, scope, prunable)
     tree = params.tree
     kernels = {}
@@ -179,7 +196,7 @@ def magnitude(params: Params, sparsity: float = 0.5, pattern=None, scope: str = 
 
 def wanda(params: Params, calib, sparsity: float = 0.5, pattern=None, scope: str = "row",
           mode: str = "sequential", per_layer_sparsity: Sequence[float] | None = None,
-          prunable: Callable | None = None, batch_size: int = 8, show_progress=None) -> Params:
+          prunable: Callable | None = None, batch_size: int = 8, show_progress=None, apply_fn=None):
     """Wanda (Sun et al. 2024, "A Simple and Effective Pruning Approach for LLMs").
 
     Score |W_ij| * ||X_i||_2 (input-feature norms over calibration tokens), compared within each
@@ -197,6 +214,9 @@ def wanda(params: Params, calib, sparsity: float = 0.5, pattern=None, scope: str
       per_layer_sparsity: one sparsity per layer (e.g. from `jaxprune.owl_sparsities`).
       prunable: predicate over plain paths; default: linear layers inside the blocks.
       batch_size: calibration windows per forward.
+      apply_fn: for your own Flax model (`params` a linen dict or `nnx.State`):
+        `apply_fn(params, batch)` runs it; `calib` is then a batch of its inputs or a list of
+        batches, and statistics come from one pass of the unpruned model.
 
     Returns:
       a mask pytree shaped like `params` (True = keep).
@@ -204,6 +224,8 @@ def wanda(params: Params, calib, sparsity: float = 0.5, pattern=None, scope: str
     Example:
         >>> masks = jp.wanda(params, calib, sparsity=0.5, pattern="2:4")   # doctest: +SKIP
     """
+    if _is_user_params(params):
+        return _user(params, calib, "wanda", sparsity, pattern, scope, apply_fn, prunable)
     sparsity, nm, prunable, paths = _validate(params, sparsity, pattern, scope, prunable)
     if scope == "global":
         raise InvalidArgumentError("wanda compares within rows or layers; use scope='row' or 'layer'")
@@ -220,7 +242,7 @@ def wanda(params: Params, calib, sparsity: float = 0.5, pattern=None, scope: str
 
 def sparsegpt(params: Params, calib, sparsity: float = 0.5, pattern=None, mode: str = "sequential",
               per_layer_sparsity: Sequence[float] | None = None, blocksize: int = 128, percdamp: float = 0.01,
-              prunable: Callable | None = None, batch_size: int = 8, show_progress=None):
+              prunable: Callable | None = None, batch_size: int = 8, show_progress=None, apply_fn=None):
     """SparseGPT (Frantar & Alistarh 2023): OBS pruning with weight updates, layer by layer.
 
     Args are as for `wanda`; statistics are Hessians (`input_stats(..., "hessian")`).
@@ -233,6 +255,9 @@ def sparsegpt(params: Params, calib, sparsity: float = 0.5, pattern=None, mode: 
     Example:
         >>> new_params, masks = jp.sparsegpt(params, calib, sparsity=0.5)   # doctest: +SKIP
     """
+    if _is_user_params(params):
+        return _user(params, calib, "sparsegpt", sparsity, pattern, "layer", apply_fn, prunable,
+                     blocksize=blocksize, percdamp=percdamp)
     sparsity, nm, prunable, paths = _validate(params, sparsity, pattern, "layer", prunable)
     if nm and blocksize % nm[1]:
         raise InvalidArgumentError(f"blocksize={blocksize} must be a multiple of M={nm[1]}")
