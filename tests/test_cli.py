@@ -29,9 +29,10 @@ def test_info_prints_architecture_and_counts(opt_dir, capsys):
     assert "fc1" in out
 
 
-def test_eval_on_a_text_file(opt_dir, tmp_path, monkeypatch, capsys):
-    from tokenizers import Tokenizer, models, pre_tokenizers
+def with_char_tokenizer(opt_dir, tmp_path):
+    """A copy of the checkpoint with a one-token-per-character tokenizer.json."""
     import shutil
+    from tokenizers import Tokenizer, models, pre_tokenizers
     vocab = {chr(i): i - 32 for i in range(32, 127)}
     vocab["[UNK]"] = 95
     tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
@@ -39,6 +40,11 @@ def test_eval_on_a_text_file(opt_dir, tmp_path, monkeypatch, capsys):
     d = tmp_path / "ckpt"
     shutil.copytree(opt_dir, d)
     tk.save(str(d / "tokenizer.json"))
+    return d
+
+
+def test_eval_on_a_text_file(opt_dir, tmp_path, capsys):
+    d = with_char_tokenizer(opt_dir, tmp_path)
     text = tmp_path / "t.txt"
     text.write_text("It is a truth universally acknowledged. " * 20)
     assert main(["eval", str(d), "--text", str(text), "--seqlen", "32"]) == 0
@@ -58,16 +64,8 @@ def test_console_script_is_installed():
 
 def test_prune_writes_checkpoint_report_and_table(opt_dir, tmp_path, capsys):
     import json
-    import shutil
-    from tokenizers import Tokenizer, models, pre_tokenizers
     import jaxprune as jp
-    vocab = {chr(i): i - 32 for i in range(32, 127)}
-    vocab["[UNK]"] = 95
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tk.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    d = tmp_path / "ckpt"
-    shutil.copytree(opt_dir, d)
-    tk.save(str(d / "tokenizer.json"))
+    d = with_char_tokenizer(opt_dir, tmp_path)
     text = tmp_path / "t.txt"
     text.write_text("It is a truth universally acknowledged.\n\nThat a single man. " * 30)
     out = tmp_path / "out"

@@ -87,6 +87,11 @@ def save(params: Params, path: str, masks: Params | None = None, tokenizer=None,
         for name, text in (extra_files or {}).items():
             with open(os.path.join(tmp, name), "w") as f:
                 f.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; a checkpoint gets ordinary permissions
+        for f in os.listdir(tmp):
+            os.chmod(os.path.join(tmp, f), 0o666 & ~umask)
         if os.path.exists(path):
             old = path + ".old-" + os.path.basename(tmp)
             os.rename(path, old)
