@@ -1,7 +1,7 @@
 """One-shot pruning of SmolLM2-135M: quality vs the reference PyTorch implementation, time, memory.
 
     python -m benchmarks.oneshot                 # every method x pattern x mode, one subprocess each
-    python -m benchmarks.oneshot --only wanda:unstructured:sequential
+    python -m benchmarks.oneshot --only wanda/2:4/sequential
 
 Calibration: 32 windows of 512 tokens from emma + mansfieldpark (paragraphs joined,
 `random.seed(0)`), evaluation: the first 64 windows of 512 tokens of prideprejudice,
@@ -68,17 +68,17 @@ RUNS = [("dense", "-", "-")] + [(m, p, "sequential") for m in ("magnitude", "wan
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--only", help="method:pattern:mode, run in this process and print JSON")
+    ap.add_argument("--only", help="method/pattern/mode, run in this process and print JSON")
     args = ap.parse_args()
     if args.only:
-        method, pattern, mode = args.only.split(":")
+        method, pattern, mode = args.only.split("/")
         owl = mode.endswith("+owl")
         print("RESULT " + json.dumps(run_one(method, pattern, mode.replace("+owl", ""), owl)))
         return
     from benchmarks.common import machine, write_section
     rows = []
     for method, pattern, mode in RUNS:
-        out = subprocess.run([sys.executable, "-m", "benchmarks.oneshot", "--only", f"{method}:{pattern}:{mode}"],
+        out = subprocess.run([sys.executable, "-m", "benchmarks.oneshot", "--only", f"{method}/{pattern}/{mode}"],
                              capture_output=True, text=True)
         line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
         if not line:

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 
 from . import models
 from .errors import InvalidArgumentError
-from .params import Params
+from .params import Params, get_path, set_path
 from .progress import progress
 
 STAT_KINDS = ("sumsq", "hessian")
@@ -99,28 +99,13 @@ def input_stats(params: Params, tokens, kind: str = "sumsq") -> dict:
     return {"sums": sums, "count": jnp.asarray(tokens.size, jnp.float32)}
 
 
-def _get(tree, path):
-    for p in path:
-        tree = tree[p]
-    return tree
-
-
-def _set(tree, path, value):
-    """Copy-on-write set inside nested dicts."""
-    if not path:
-        return value
-    new = dict(tree)
-    new[path[0]] = _set(tree[path[0]], path[1:], value)
-    return new
-
-
 def prune_layer(lp: dict, stats: dict, count, prune_dense: Callable, sparsity: float):
     """Prune the linear layers of one layer's params `lp` named by the keys of `stats`
     ({module path: summed statistic}). Returns (new lp, {module path: keep mask})."""
     masks = {}
     for path, stat in stats.items():
-        new, masks[path] = prune_dense(path, _get(lp, path), stat, count, sparsity)
-        lp = _set(lp, path, new)
+        new, masks[path] = prune_dense(path, get_path(lp, path), stat, count, sparsity)
+        lp = set_path(lp, path, new)
     return lp, masks
 
 
@@ -173,8 +158,8 @@ def run_layerwise(params: Params, tokens, kind: str | None, prune_dense: Callabl
             if path not in target:
                 return call()
             st = input_stat(kind, x) if kind else None
-            new, masks[path] = prune_dense(path, _get(lp, path), st, x.size // x.shape[-1], sparsity)
-            new_lp = _set(new_lp, path, new)
+            new, masks[path] = prune_dense(path, get_path(lp, path), st, x.size // x.shape[-1], sparsity)
+            new_lp = set_path(new_lp, path, new)
             y = jnp.dot(x, new["kernel"].astype(x.dtype))
             return y + new["bias"].astype(y.dtype) if "bias" in new else y
 

@@ -81,6 +81,15 @@ class Params(Mapping):
         return cls(config, dict(zip(keys, children)))
 
 
-def tree_of(params) -> dict:
-    """The plain nested dict inside `params` (a `Params` or already a dict)."""
-    return params.tree if isinstance(params, Params) else params
+def get_path(tree, path: tuple):
+    """`tree[p0][p1]...` for a plain path."""
+    for p in path:
+        tree = tree[p]
+    return tree
+
+
+def set_path(tree: dict, path: tuple, value) -> dict:
+    """A copy of nested dict `tree` with `value` at `path` (copy-on-write; input untouched)."""
+    if not path:
+        return value
+    return {**tree, path[0]: set_path(tree[path[0]], path[1:], value)}

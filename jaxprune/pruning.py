@@ -22,10 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import criteria
-from .calibration import _set, path_key, plain_path, run_layerwise
+from .calibration import path_key, plain_path, run_layerwise
 from .errors import DataError, InvalidArgumentError
 from .masks import check_sparsity, full_masks, global_masks, group_size, n_pruned, parse_pattern, select_count
-from .params import Params
+from .params import Params, get_path, set_path
 from .sparsegpt import block_counts, solve
 
 SCOPES = ("row", "layer", "global")
@@ -70,9 +70,7 @@ def _validate(params, sparsity, pattern, scope, prunable):
         raise InvalidArgumentError("the prunable predicate selects no 2-D kernel")
     tree = params.tree
     for path in paths:
-        k = tree
-        for p in path:
-            k = k[p]
+        k = get_path(tree, path)
         if nm and k.shape[0] % nm[1]:
             raise InvalidArgumentError(f"N:M pattern {nm[0]}:{nm[1]}: M={nm[1]} does not divide the input size "
                                        f"{k.shape[0]} of {path_key(path)}")
@@ -114,7 +112,7 @@ def _assemble(params: Params, layer_masks, new_layers=None):
     for i, lm in enumerate(layer_masks):
         layer = masks["layers"][i]
         for path, keep in lm.items():
-            layer = _set(layer, path + ("kernel",), keep)
+            layer = set_path(layer, path + ("kernel",), keep)
         masks["layers"][i] = layer
     out_masks = params.replace(masks)
     if new_layers is None:
@@ -177,13 +175,7 @@ def magnitude(params: Params, sparsity: float = 0.5, pattern=None, scope: str = 
     if _is_user_params(params):
         return _user(params, None, "magnitude", sparsity, pattern, scope, None, prunable)
     sparsity, nm, prunable, paths = _validate(params, sparsity, pattern, scope, prunable)
-    tree = params.tree
-    kernels = {}
-    for path in paths:
-        k = tree
-        for p in path:
-            k = k[p]
-        kernels[path] = k
+    kernels = {path: get_path(params.tree, path) for path in paths}
     if scope == "global" and nm is None:
         keep = global_masks({path_key(p): criteria.magnitude(k) for p, k in kernels.items()}, sparsity)
         chosen = {p: keep[path_key(p)] for p in kernels}
@@ -288,10 +280,10 @@ def _from_stats(params, stats, paths, prune_dense, sparsities, kind, updates=Fal
     if missing:
         raise InvalidArgumentError(f"statistics are missing for {missing[:3]} ({len(missing)} kernels)")
     layers, masks = [], []
+    prune = jax.jit(lambda lp, st, c, s: prune_layer(lp, st, c, prune_dense, s), static_argnums=3)
     for i, lp in enumerate(params.tree["layers"]):
         st = {p[2:-1]: sums[path_key(p)] for p in paths if p[1] == i}
-        new, m = jax.jit(lambda lp, st, c, s: prune_layer(lp, st, c, prune_dense, s), static_argnums=3)(
-            lp, st, count, sparsities[i])
+        new, m = prune(lp, st, count, sparsities[i])
         layers.append(new)
         masks.append(m)
     return (layers, masks) if updates else masks

@@ -65,24 +65,28 @@ def prune_kernel(kernel, H, sparsity: float = 0.5, nm: tuple[int, int] | None = 
 
 @partial(jax.jit, static_argnames=("nm", "blocksize", "percdamp"))
 def solve(kernel, H, k_full, k_last, nm=None, blocksize: int = 128, percdamp: float = 0.01):
-    """`prune_kernel` with the per-block prune counts given (traced: one compilation for any sparsity)."""
-    W = kernel.astype(jnp.float32).T  # reference layout: rows = outputs, columns = inputs
-    rows, cols = W.shape
+    """`prune_kernel` with the per-block prune counts given (traced: one compilation for any sparsity).
+
+    Works in the kernel's own `[in, out]` layout, so the reference's column i (input i) is
+    the contiguous row i here: every step of the column loop reads and writes whole rows.
+    """
+    W = kernel.astype(jnp.float32)  # [in, out]: row i = the reference's column i
+    cols, rows = W.shape
     H = H.astype(jnp.float32)
     dead = jnp.diag(H) == 0
     H = H + jnp.diag(jnp.where(dead, 1.0, 0.0))
-    W = jnp.where(dead[None, :], 0.0, W)
+    W = jnp.where(dead[:, None], 0.0, W)
     damp = percdamp * jnp.mean(jnp.diag(H))
     H = H + damp * jnp.eye(cols, dtype=jnp.float32)
     L = jnp.linalg.cholesky(H)
     Hinv_full = jax.scipy.linalg.cho_solve((L, True), jnp.eye(cols, dtype=jnp.float32))
     Hinv = jnp.linalg.cholesky(Hinv_full).T  # upper factor: Hinv = U, H^-1 = U^T U
 
-    # Pad the input axis to whole blocks; padded columns are inert (zero weight,
+    # Pad the input axis to whole blocks; padded inputs are inert (zero weight,
     # identity Hessian, never chosen for pruning).
     nblocks = -(-cols // blocksize)
     pad = nblocks * blocksize - cols
-    Wp = jnp.pad(W, ((0, 0), (0, pad)))
+    Wp = jnp.pad(W, ((0, pad), (0, 0)))
     Hp = jnp.pad(Hinv, ((0, pad), (0, pad))) + jnp.diag(jnp.concatenate([jnp.zeros(cols), jnp.ones(pad)]))
     valid = jnp.arange(nblocks * blocksize) < cols
     mask_p = jnp.zeros_like(Wp, dtype=bool)  # True = pruned
@@ -90,14 +94,14 @@ def solve(kernel, H, k_full, k_last, nm=None, blocksize: int = 128, percdamp: fl
     def block(b, carry):
         Wp, mask_p = carry
         i1 = b * blocksize
-        W1 = jax.lax.dynamic_slice(Wp, (0, i1), (rows, blocksize))
+        W1 = jax.lax.dynamic_slice(Wp, (i1, 0), (blocksize, rows))
         H1 = jax.lax.dynamic_slice(Hp, (i1, i1), (blocksize, blocksize))
         d1 = jnp.diag(H1)
         v1 = jax.lax.dynamic_slice(valid, (i1,), (blocksize,))
         if nm is None:
-            # exact count per block (see block_counts); padded columns score +inf
+            # exact count per block (see block_counts); padded inputs score +inf
             k = jnp.where(b == nblocks - 1, k_last, k_full)
-            score = jnp.where(v1[None, :], W1 ** 2 / d1[None, :] ** 2, jnp.inf)
+            score = jnp.where(v1[:, None], W1 ** 2 / d1[:, None] ** 2, jnp.inf)
             M1 = ~keep_top(score.reshape(-1), score.size - k).reshape(W1.shape)
         else:
             M1 = jnp.zeros_like(W1, dtype=bool)
@@ -106,31 +110,32 @@ def solve(kernel, H, k_full, k_last, nm=None, blocksize: int = 128, percdamp: fl
             W1, M1, E1 = c
             if nm is not None:
                 n, m = nm
+
                 def choose(M1):
-                    g = jax.lax.dynamic_slice(W1, (0, i), (rows, m)) ** 2 / \
-                        jax.lax.dynamic_slice(d1, (i,), (m,))[None, :] ** 2
-                    prune = ~keep_top(g, n, axis=1)
-                    return jax.lax.dynamic_update_slice(M1, prune, (0, i))
+                    g = jax.lax.dynamic_slice(W1, (i, 0), (m, rows)) ** 2 / \
+                        jax.lax.dynamic_slice(d1, (i,), (m,))[:, None] ** 2
+                    return jax.lax.dynamic_update_slice(M1, ~keep_top(g, n, axis=0), (i, 0))
+
                 M1 = jax.lax.cond(i % m == 0, choose, lambda M: M, M1)
-            w = W1[:, i]
-            d = H1[i, i]
-            q = jnp.where(M1[:, i], 0.0, w)
-            err = (w - q) / d
-            W1 = W1 - err[:, None] * H1[i, :][None, :]  # H1 upper triangular: only columns >= i move
-            W1 = W1.at[:, i].set(q)
-            E1 = E1.at[:, i].set(err)
+            w = jax.lax.dynamic_slice_in_dim(W1, i, 1, axis=0)[0]
+            pruned = jax.lax.dynamic_slice_in_dim(M1, i, 1, axis=0)[0]
+            h = jax.lax.dynamic_slice_in_dim(H1, i, 1, axis=0)[0]  # row i of the upper factor
+            q = jnp.where(pruned, 0.0, w)
+            err = (w - q) / h[i]
+            W1 = W1 - h[:, None] * err[None, :]  # upper triangular: only inputs >= i move
+            W1 = jax.lax.dynamic_update_slice_in_dim(W1, q[None, :], i, axis=0)
+            E1 = jax.lax.dynamic_update_slice_in_dim(E1, err[None, :], i, axis=0)
             return W1, M1, E1
 
         W1, M1, E1 = jax.lax.fori_loop(0, blocksize, column, (W1, M1, jnp.zeros_like(W1)))
-        # Propagate to every later column: rows i1:i1+B of the upper factor are zero before i1.
+        # Propagate to every later input: rows i1:i1+B of the upper factor are zero before i1.
         Hrows = jax.lax.dynamic_slice(Hp, (i1, 0), (blocksize, Hp.shape[1]))
         later = jnp.arange(Hp.shape[1]) >= i1 + blocksize
-        Wp = Wp - jnp.where(later[None, :], E1 @ Hrows, 0.0)
-        Wp = jax.lax.dynamic_update_slice(Wp, W1, (0, i1))
-        mask_p = jax.lax.dynamic_update_slice(mask_p, M1, (0, i1))
+        Wp = Wp - jnp.where(later[:, None], Hrows.T @ E1, 0.0)
+        Wp = jax.lax.dynamic_update_slice(Wp, W1, (i1, 0))
+        mask_p = jax.lax.dynamic_update_slice(mask_p, M1, (i1, 0))
         return Wp, mask_p
 
     Wp, mask_p = jax.lax.fori_loop(0, nblocks, block, (Wp, mask_p))
-    keep = ~mask_p[:, :cols]
-    new_w = jnp.where(keep, Wp[:, :cols], 0.0)
-    return new_w.T.astype(kernel.dtype), keep.T
+    keep = ~mask_p[:cols]
+    return jnp.where(keep, Wp[:cols], 0.0).astype(kernel.dtype), keep

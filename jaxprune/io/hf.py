@@ -20,6 +20,7 @@ from ..config import ModelConfig, config_from_hf
 from ..errors import CheckpointError
 from ..params import Params
 from .. import models
+from ..models import is_shape
 from .names import build_tree
 from .safetensors import open_safetensors
 
@@ -63,16 +64,12 @@ def open_weights(directory: str) -> dict[str, np.ndarray]:
     raise CheckpointError(f"{directory}: no model.safetensors or model.safetensors.index.json{hint}")
 
 
-def _is_shape(x):
-    return isinstance(x, tuple) and all(isinstance(d, int) for d in x)
-
-
 def validate_tree(config: ModelConfig, tree: dict, source: str) -> None:
     """Raise CheckpointError naming every tensor that is missing, extra or mis-shaped."""
     expected = {jax.tree_util.keystr(p): s for p, s in
-                jax.tree_util.tree_flatten_with_path(models.shapes(config), is_leaf=_is_shape)[0]}
-    actual = {jax.tree_util.keystr(p): x if _is_shape(x) else tuple(np.shape(x)) for p, x in
-              jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_shape)[0]}
+                jax.tree_util.tree_flatten_with_path(models.shapes(config), is_leaf=is_shape)[0]}
+    actual = {jax.tree_util.keystr(p): x if is_shape(x) else tuple(np.shape(x)) for p, x in
+              jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_shape)[0]}
     problems = [f"missing {k} {v}" for k, v in expected.items() if k not in actual]
     problems += [f"unexpected {k} {v}" for k, v in actual.items() if k not in expected]
     problems += [f"{k}: checkpoint has {actual[k]}, config implies {v}"

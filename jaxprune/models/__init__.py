@@ -38,7 +38,7 @@ def shapes(config) -> dict:
     return family(config).shapes(config)
 
 
-def _is_shape(x):
+def is_shape(x):
     return isinstance(x, tuple) and all(isinstance(d, int) for d in x)
 
 
@@ -47,7 +47,7 @@ def init(config, key, dtype=jnp.float32) -> Params:
 
     Kernels, embeddings and biases ~ N(0, 0.02); norm scales ~ 1 + N(0, 0.02).
     """
-    paths_shapes = jax.tree_util.tree_flatten_with_path(shapes(config), is_leaf=_is_shape)
+    paths_shapes = jax.tree_util.tree_flatten_with_path(shapes(config), is_leaf=is_shape)
     leaves, treedef = paths_shapes
     keys = jax.random.split(key, len(leaves))
     out = []
