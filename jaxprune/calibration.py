@@ -143,10 +143,11 @@ def run_layerwise(params: Params, tokens, kind: str | None, prune_dense: Callabl
     X = jnp.concatenate(xs)
 
     run = jax.jit(lambda lp, x, c: fam.layer(cfg, lp, x, c, {}))
-    stats_pass = jax.jit(lambda lp, x, c: capture(lambda: fam.layer(cfg, lp, x, c, {}), kind))
-    # Statistics without the layer output: XLA drops work that only feeds the output
-    # (the down projection), so the reference's first pass costs less than a forward.
-    stats_only = jax.jit(lambda lp, x, c: (jnp.zeros(()), capture(lambda: fam.layer(cfg, lp, x, c, {}), kind)[1]))
+    # In dense mode the statistics pass also yields the next input; otherwise only the
+    # statistics are returned and XLA drops work that only feeds the layer output (the
+    # down projection), so the reference's first pass costs less than a full forward.
+    stats_and_output = jax.jit(lambda lp, x, c: capture(lambda: fam.layer(cfg, lp, x, c, {}), kind))
+    stats_only = jax.jit(lambda lp, x, c: capture(lambda: fam.layer(cfg, lp, x, c, {}), kind)[1])
     prune = jax.jit(lambda lp, st, cnt, sparsity: prune_layer(lp, st, cnt, prune_dense, sparsity),
                     static_argnums=3)
 
@@ -169,15 +170,19 @@ def run_layerwise(params: Params, tokens, kind: str | None, prune_dense: Callabl
 
     as_you_go = jax.jit(one_pass, static_argnums=(3, 4))
 
-    def batched(f, lp, X):
+    def run_all(lp, X):
+        return jnp.concatenate([run(lp, X[s:s + bs], ctx) for s in range(0, n, bs)])
+
+    def stats_all(lp, X, with_output: bool):
         outs, total = [], None
         for s in range(0, n, bs):
-            r = f(lp, X[s:s + bs], ctx)
-            if isinstance(r, tuple):
-                r, st = r
-                total = st if total is None else jax.tree.map(jnp.add, total, st)
-            outs.append(r)
-        return (jnp.concatenate(outs) if outs[0].ndim else None), total
+            if with_output:
+                y, st = stats_and_output(lp, X[s:s + bs], ctx)
+                outs.append(y)
+            else:
+                st = stats_only(lp, X[s:s + bs], ctx)
+            total = st if total is None else jax.tree.map(jnp.add, total, st)
+        return (jnp.concatenate(outs) if outs else None), total
 
     new_layers, layer_masks = [], []
     count = jnp.asarray(float(tokens.size), jnp.float32)
@@ -185,17 +190,16 @@ def run_layerwise(params: Params, tokens, kind: str | None, prune_dense: Callabl
     for i in progress(range(len(layers)), description, total=len(layers), enabled=show_progress):
         lp, sparsity, target = layers[i], float(sparsities[i]), frozenset(targets[i])
         if not target:
-            X = batched(run, lp, X)[0]
+            X = run_all(lp, X)
             new_layers.append(lp)
             layer_masks.append({})
             continue
         if mode == "as-you-go":
             new_lp, masks, X = as_you_go(lp, X, ctx, sparsity, target)
         else:
-            Y, stats = batched(stats_pass if mode == "dense" else stats_only, lp, X) if kind else (None, None)
-            stats = {p: v for p, v in stats.items() if p in target} if kind else None
-            new_lp, masks = prune(lp, stats, count, sparsity)
-            X = batched(run, new_lp, X)[0] if mode == "sequential" else Y
+            Y, stats = stats_all(lp, X, with_output=(mode == "dense"))
+            new_lp, masks = prune(lp, {p: v for p, v in stats.items() if p in target}, count, sparsity)
+            X = run_all(new_lp, X) if mode == "sequential" else Y
         new_layers.append(new_lp)
         layer_masks.append(masks)
     return new_layers, layer_masks

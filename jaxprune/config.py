@@ -15,7 +15,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Any
 
 from .errors import UnsupportedModelError, InvalidArgumentError
@@ -251,7 +250,3 @@ def config_from_hf(d: dict[str, Any], source: str = "config.json") -> ModelConfi
         return _BY_MODEL_TYPE[model_type].from_hf(d)
     except KeyError as e:
         raise UnsupportedModelError(f"{source}: required field {e.args[0]!r} is missing") from None
-
-
-def config_to_json(cfg: ModelConfig) -> str:
-    return json.dumps(cfg.to_hf(), indent=2, sort_keys=True)
