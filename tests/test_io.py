@@ -56,32 +56,29 @@ def test_hub_id_without_network_fails_fast_and_clearly():
         jp.load("no-such-owner-jaxprune/no-such-model")
 
 
+def copy_with_config(src, dst, **changes):
+    """A copy of checkpoint `src` at `dst` with `changes` written into its config.json."""
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg.update(changes)
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
 def test_unknown_architecture(tmp_path, llama_dir):
-    d = tmp_path / "gpt2"
-    shutil.copytree(llama_dir[0], d)
-    cfg = json.loads((d / "config.json").read_text())
-    cfg["model_type"], cfg["architectures"] = "gpt2", ["GPT2LMHeadModel"]
-    (d / "config.json").write_text(json.dumps(cfg))
+    d = copy_with_config(llama_dir[0], tmp_path / "gpt2", model_type="gpt2", architectures=["GPT2LMHeadModel"])
     with pytest.raises(jp.UnsupportedModelError, match="model_type 'gpt2'"):
         jp.load(str(d))
 
 
 def test_config_that_does_not_match_the_weights(tmp_path, llama_dir):
-    d = tmp_path / "mismatch"
-    shutil.copytree(llama_dir[0], d)
-    cfg = json.loads((d / "config.json").read_text())
-    cfg["intermediate_size"] = 128
-    (d / "config.json").write_text(json.dumps(cfg))
+    d = copy_with_config(llama_dir[0], tmp_path / "mismatch", intermediate_size=128)
     with pytest.raises(jp.CheckpointError, match=r"do not match the config.*up_proj.*\(64, 96\).*\(64, 128\)"):
         jp.load(str(d))
 
 
 def test_missing_layer_weights_are_listed(tmp_path, llama_dir):
-    d = tmp_path / "layers"
-    shutil.copytree(llama_dir[0], d)
-    cfg = json.loads((d / "config.json").read_text())
-    cfg["num_hidden_layers"] = 3
-    (d / "config.json").write_text(json.dumps(cfg))
+    d = copy_with_config(llama_dir[0], tmp_path / "layers", num_hidden_layers=3)
     with pytest.raises(jp.CheckpointError, match=r"missing \['layers'\]\[2\]"):
         jp.load(str(d))
 

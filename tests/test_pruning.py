@@ -101,13 +101,17 @@ def calib_tokens(vocab, n=6, T=24):
     return np.random.default_rng(1).integers(0, vocab, (n, T)).astype(np.int32)
 
 
+def setup(arch):
+    """(torch model, its linear names, our params, calibration tokens) for a tiny model."""
+    model = tiny_llama() if arch == "llama" else tiny_opt()
+    params = ours_params(model)
+    return model, LLAMA_LINEARS if arch == "llama" else OPT_LINEARS, params, calib_tokens(params.config.vocab_size)
+
+
 @pytest.mark.parametrize("mode", ["sequential", "as-you-go", "dense"])
 @pytest.mark.parametrize("arch", ["llama", "opt"])
 def test_wanda_matches_reference(arch, mode):
-    model = tiny_llama() if arch == "llama" else tiny_opt()
-    names = LLAMA_LINEARS if arch == "llama" else OPT_LINEARS
-    params = ours_params(model)
-    calib = calib_tokens(params.config.vocab_size)
+    model, names, params, calib = setup(arch)
     masks = jp.wanda(params, calib, sparsity=0.5, mode=mode)
 
     def prune(W, X):
@@ -138,10 +142,7 @@ def test_wanda_2_4_and_4_8_match_reference():
 @pytest.mark.parametrize("pattern", [None, "2:4"])
 @pytest.mark.parametrize("arch", ["llama", "opt"])
 def test_sparsegpt_matches_reference(arch, pattern):
-    model = tiny_llama() if arch == "llama" else tiny_opt()
-    names = LLAMA_LINEARS if arch == "llama" else OPT_LINEARS
-    params = ours_params(model)
-    calib = calib_tokens(params.config.vocab_size)
+    model, names, params, calib = setup(arch)
     new_params, masks = jp.sparsegpt(params, calib, sparsity=0.5, pattern=pattern, blocksize=32)
     nm = (2, 4) if pattern else (0, 0)
 
