@@ -5,8 +5,10 @@ comparison group) is therefore a column `kernel[:, j]`, and N:M groups run along
 the input axis (axis 0): every M consecutive inputs of one output keep N.
 
 Selections keep an exact count: `int(n * sparsity)` entries of each comparison
-group are pruned, and ties are broken deterministically (the lower index is
-kept), so quantized weights with many equal values still hit the target.
+group are pruned, and ties are broken deterministically: among equal scores the
+lower index is pruned first (the higher kept), as the reference's stable
+ascending sort does, so quantized weights with many equal values still hit the
+target.
 
 A mask pytree has the structure of the params: a bool array of the same shape
 for every leaf, `True` = keep. Leaves that are not pruned get all-`True` masks
@@ -80,7 +82,7 @@ def kth_smallest_key(key, k):
 
 
 def keep_top(scores, keep, axis: int = -1):
-    """Bool mask keeping the `keep` largest scores along `axis` (ties: lower index kept).
+    """Bool mask keeping the `keep` largest scores along `axis` (ties: the lower index is pruned).
 
     Exact count for any `keep` (which may be traced). Finds the largest pruned value by
     bisection (no sort: ~10x faster than argsort on CPU), then splits ties by index.
@@ -92,8 +94,8 @@ def keep_top(scores, keep, axis: int = -1):
     less = key < v
     eq = key == v
     need = n_prune - jnp.sum(less, axis=-1, keepdims=True)
-    from_end = jnp.cumsum(eq[..., ::-1], axis=-1, dtype=jnp.int32)[..., ::-1]  # ties at index >= j
-    prune = (less | (eq & (from_end <= need))) & (n_prune > 0)
+    upto = jnp.cumsum(eq, axis=-1, dtype=jnp.int32)  # ties at index <= j
+    prune = (less | (eq & (upto <= need))) & (n_prune > 0)
     return jnp.moveaxis(~prune, -1, axis)
 
 

@@ -23,9 +23,9 @@ def sparsegpt_numpy(W, H, sparsity=0.5, prune_n=0, prune_m=0, blocksize=128, per
         if prune_n == 0:
             tmp = W1 ** 2 / np.diag(Hinv1)[None, :] ** 2
             k = int(tmp.size * sparsity)
-            order = np.argsort(-tmp.ravel(), kind="stable")  # ties: the lower index is kept
-            mask1 = np.ones(tmp.size, bool)
-            mask1[order[:tmp.size - k]] = False
+            order = np.argsort(tmp.ravel(), kind="stable")  # ties: the lower index is pruned
+            mask1 = np.zeros(tmp.size, bool)
+            mask1[order[:k]] = True
             mask1 = mask1.reshape(tmp.shape)
         else:
             mask1 = np.zeros_like(W1, dtype=bool)
@@ -34,9 +34,9 @@ def sparsegpt_numpy(W, H, sparsity=0.5, prune_n=0, prune_m=0, blocksize=128, per
             d = Hinv1[i, i]
             if prune_n != 0 and i % prune_m == 0:
                 tmp = W1[:, i:i + prune_m] ** 2 / np.diag(Hinv1)[i:i + prune_m][None, :] ** 2
-                order = np.argsort(-tmp, axis=1, kind="stable")  # keep the prune_n largest
+                order = np.argsort(tmp, axis=1, kind="stable")  # prune the m - n smallest
                 for r in range(rows):
-                    mask1[r, i + order[r, prune_n:]] = True
+                    mask1[r, i + order[r, :prune_m - prune_n]] = True
             q = w.copy()
             q[mask1[:, i]] = 0
             Q1[:, i] = q

@@ -13,12 +13,12 @@ from jaxprune import masks as M
 
 
 def np_keep_top(scores, keep, axis):
-    """Keep the `keep` largest along axis; ties keep the lower index."""
+    """Keep the `keep` largest along axis; ties prune the lower index first."""
     s = np.moveaxis(scores, axis, -1)
     out = np.zeros(s.shape, bool)
     for idx in np.ndindex(s.shape[:-1]):
         row = s[idx]
-        order = sorted(range(len(row)), key=lambda j: (-row[j], j))
+        order = sorted(range(len(row)), key=lambda j: (-row[j], -j))
         out[idx][order[:keep]] = True
     return np.moveaxis(out, -1, axis)
 

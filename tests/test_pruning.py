@@ -42,22 +42,23 @@ def capture_inputs(model, calib, layer_idx, names):
 
 
 def np_wanda_keep(W, X, sparsity):
-    """W [out, in] (torch layout), X [tokens, in]: keep per output row, ties -> lower index."""
+    """W [out, in] (torch layout), X [tokens, in]: per output row, prune the first int(in * s) of
+    a stable ascending sort (the reference's rule: ties prune the lower index)."""
     metric = np.abs(W) * np.sqrt((X ** 2).sum(0) / len(X))[None, :]
     n_in = W.shape[1]
-    keep = np.zeros_like(W, bool)
-    order = np.argsort(-metric, axis=1, kind="stable")
+    keep = np.ones_like(W, bool)
+    order = np.argsort(metric, axis=1, kind="stable")
     for r in range(W.shape[0]):
-        keep[r, order[r, : n_in - int(n_in * sparsity)]] = True
+        keep[r, order[r, : int(n_in * sparsity)]] = False
     return keep
 
 
 def np_nm_keep(metric, n, m):
-    keep = np.zeros_like(metric, bool)
+    keep = np.ones_like(metric, bool)
     for g in range(0, metric.shape[1], m):
-        order = np.argsort(-metric[:, g:g + m], axis=1, kind="stable")
+        order = np.argsort(metric[:, g:g + m], axis=1, kind="stable")
         for r in range(metric.shape[0]):
-            keep[r, g + order[r, :n]] = True
+            keep[r, g + order[r, :m - n]] = False
     return keep
 
 
