@@ -22,7 +22,7 @@ def torch_model(params):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
     cfg = AutoConfig.for_model(**{k: v for k, v in params.config.to_hf().items() if k != "architectures"})
-    model = AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
     state = {name: torch.from_numpy(np.array(leaf.T if path[-1] == "kernel" else leaf))
              for name, (path, leaf) in flatten_tree(params.tree, params.config.arch).items()}
     missing, unexpected = model.load_state_dict(state, strict=False)

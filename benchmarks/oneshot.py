@@ -41,7 +41,9 @@ def run_one(method: str, pattern: str, mode: str, owl: bool = False) -> dict:
     t0 = time.perf_counter()
     if owl:
         per_layer = jp.owl_sparsities(params, calib, sparsity=0.5)
-    if method == "dense":
+    if mode == "torch-reference":
+        pruned = torch_reference(params, calib, method, pat)
+    elif method == "dense":
         pruned = params
     elif method == "magnitude":
         pruned = jp.apply_masks(params, jp.magnitude(params, 0.5, pattern=pat))
@@ -58,12 +60,33 @@ def run_one(method: str, pattern: str, mode: str, owl: bool = False) -> dict:
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
+def torch_reference(params, calib, method, pattern):
+    """The reference procedure in PyTorch on the same weights (benchmarks/reference_torch.py),
+    converted back to our params for the same perplexity evaluation."""
+    import numpy as np
+    import torch
+    from benchmarks import reference_torch
+    from benchmarks.forward import torch_model
+    from jaxprune.io.hf import from_named_arrays
+    torch.manual_seed(0)
+    model = torch_model(params)
+    nm = jp_pattern(pattern)
+    reference_torch.prune(model, torch.as_tensor(np.asarray(calib), dtype=torch.long), method, 0.5, nm)
+    named = {k: v.numpy() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    return from_named_arrays(params.config, named)
+
+
+def jp_pattern(pattern):
+    from jaxprune.masks import parse_pattern
+    return parse_pattern(pattern)
+
+
 RUNS = [("dense", "-", "-")] + [(m, p, "sequential") for m in ("magnitude", "wanda", "sparsegpt")
                                 for p in ("unstructured", "2:4")] + [
     ("wanda", "unstructured", "as-you-go"), ("wanda", "2:4", "as-you-go"),
     ("sparsegpt", "unstructured", "as-you-go"), ("sparsegpt", "2:4", "as-you-go"),
     ("wanda", "unstructured", "sequential+owl"), ("sparsegpt", "unstructured", "sequential+owl"),
-]
+] + [(m, p, "torch-reference") for m in ("wanda", "sparsegpt") for p in ("unstructured", "2:4")]
 
 
 def main():
