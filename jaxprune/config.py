@@ -35,6 +35,34 @@ def _thaw(value):
     return value
 
 
+def _layer_shapes_to_json(layer_shapes) -> list[dict]:
+    """Frozen per-layer shapes -> a JSON list of dicts (`kv_groups` as a list)."""
+    return [{k: list(v) if isinstance(v, tuple) else v for k, v in entry} for entry in layer_shapes]
+
+
+def _check_layer_shapes(layer_shapes) -> None:
+    """Unequal K/V groups must be consistent and identified by (n_heads, n_kv, ffn_dim).
+
+    A layer's forward reads its widths from its weight shapes (never its index), so
+    every layer with the same widths must share one grouping (or none).
+    """
+    seen = {}
+    for i, entry in enumerate(layer_shapes or ()):
+        d = dict(entry)
+        groups = d.get("kv_groups")
+        if groups is not None:
+            if len(groups) != d["n_kv"] or sum(groups) != d["n_heads"] or min(groups) < 1:
+                raise InvalidArgumentError(
+                    f"layer_shapes[{i}]: kv_groups {tuple(groups)} must be {d['n_kv']} positive "
+                    f"query-head counts summing to n_heads={d['n_heads']}")
+            groups = tuple(groups)
+        key = (d.get("n_heads"), d.get("n_kv"), d.get("ffn_dim"))
+        if seen.setdefault(key, groups) != groups:
+            raise InvalidArgumentError(
+                f"layer_shapes[{i}]: layers with n_heads, n_kv, ffn_dim = {key} have different "
+                f"kv_groups ({seen[key]} and {groups}); the grouping must follow from the widths")
+
+
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
     """Llama-family decoder (Llama 1/2/3, SmolLM, Mistral-without-sliding-window).
@@ -73,6 +101,15 @@ class LlamaConfig:
                 f"num_key_value_heads={self.num_key_value_heads}")
         if self.hidden_act not in ("silu", "swish"):
             raise UnsupportedModelError(f"Llama hidden_act {self.hidden_act!r} is not supported (only silu)")
+        _check_layer_shapes(self.layer_shapes)
+
+    def kv_groups_for(self, n_heads: int, n_kv: int, ffn_dim: int) -> tuple | None:
+        """Query heads per K/V group of layers with these widths, when unequal (else None)."""
+        for entry in self.layer_shapes or ():
+            d = dict(entry)
+            if d.get("kv_groups") and (d["n_heads"], d["n_kv"], d["ffn_dim"]) == (n_heads, n_kv, ffn_dim):
+                return tuple(d["kv_groups"])
+        return None
 
     @property
     def head_dim(self) -> int:
@@ -138,7 +175,7 @@ class LlamaConfig:
             "torch_dtype": "float32",
         }
         if self.layer_shapes is not None:
-            d["jaxprune_layer_shapes"] = _thaw(self.layer_shapes)
+            d["jaxprune_layer_shapes"] = _layer_shapes_to_json(self.layer_shapes)
         return d
 
 
@@ -153,6 +190,7 @@ class OPTConfig:
     num_attention_heads: int
     max_position_embeddings: int = 2048
     word_embed_proj_dim: int | None = None
+    head_dim_override: int | None = None  # set by compaction when hidden_size / heads changes
     do_layer_norm_before: bool = True
     remove_final_layer_norm: bool = False
     activation_function: str = "relu"
@@ -173,13 +211,14 @@ class OPTConfig:
             object.__setattr__(self, "word_embed_proj_dim", self.hidden_size)
         if self.activation_function not in ("relu", "gelu", "gelu_new"):
             raise UnsupportedModelError(f"OPT activation {self.activation_function!r} is not supported")
-        if self.hidden_size % self.num_attention_heads:
+        if self.head_dim_override is None and self.hidden_size % self.num_attention_heads:
             raise InvalidArgumentError(f"hidden_size={self.hidden_size} is not divisible by "
                                        f"num_attention_heads={self.num_attention_heads}")
+        _check_layer_shapes(self.layer_shapes)
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+        return self.head_dim_override or self.hidden_size // self.num_attention_heads
 
     @property
     def num_key_value_heads(self) -> int:
@@ -204,6 +243,7 @@ class OPTConfig:
             num_hidden_layers=d["num_hidden_layers"], num_attention_heads=d["num_attention_heads"],
             max_position_embeddings=d.get("max_position_embeddings", 2048),
             word_embed_proj_dim=d.get("word_embed_proj_dim"),
+            head_dim_override=d["head_dim"] if d.get("head_dim") not in (None, d["hidden_size"] / d["num_attention_heads"]) else None,
             do_layer_norm_before=d.get("do_layer_norm_before", True),
             remove_final_layer_norm=d.get("_remove_final_layer_norm", False),
             activation_function=d.get("activation_function", "relu"),
@@ -228,8 +268,10 @@ class OPTConfig:
             "bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id,
             "pad_token_id": self.pad_token_id, "tie_word_embeddings": True, "torch_dtype": "float32",
         }
+        if self.head_dim_override is not None:
+            d["head_dim"] = self.head_dim_override
         if self.layer_shapes is not None:
-            d["jaxprune_layer_shapes"] = _thaw(self.layer_shapes)
+            d["jaxprune_layer_shapes"] = _layer_shapes_to_json(self.layer_shapes)
         return d
 
 

@@ -95,7 +95,9 @@ def from_named_arrays(config: ModelConfig, named: dict[str, Any], source: str = 
         named = {k: v for k, v in named.items() if not k.startswith("lm_head.")}
     # Check shapes first, before any tensor data is read.
     validate_tree(config, build_tree(named, config.arch, lambda a, t: tuple(np.shape(a))[::-1 if t else 1]), source)
-    return Params(config, build_tree(named, config.arch, convert))
+    tree = build_tree(named, config.arch, convert)
+    tree.setdefault("layers", [])  # a compacted model may have no layers left
+    return Params(config, tree)
 
 
 def load_hf_dir(directory: str, dtype=jnp.float32) -> Params:

@@ -4,6 +4,11 @@ The decoder layer is a linen module built with `nn.Dense` (kernels `[in, out]`),
 `flax.linen.intercept_methods` sees every linear layer's input; the model itself is
 a plain loop over layers (`jaxprune.models.forward`), which lets layers differ in
 width after compaction and lets sequential calibration run one layer at a time.
+
+Unequal K/V groups (after compaction removed some query heads of a group): the
+layer's `kv_groups` (query heads per K/V head, from `config.layer_shapes`, looked up
+by the layer's widths) expands K/V to one per query head with a static repeat; layers
+with equal groups keep the grouped path that never repeats K/V.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ..config import LlamaConfig
 from . import gates as G
@@ -21,6 +27,7 @@ class LlamaAttention(nn.Module):
     config: LlamaConfig
     n_heads: int
     n_kv: int
+    kv_groups: tuple | None = None  # query heads per K/V head when unequal
 
     @nn.compact
     def __call__(self, x, cos, sin, g):
@@ -31,11 +38,26 @@ class LlamaAttention(nn.Module):
         k = dense(self.n_kv * Dh, "k_proj")(x).reshape(B, T, self.n_kv, Dh)
         v = dense(self.n_kv * Dh, "v_proj")(x).reshape(B, T, self.n_kv, Dh)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.kv_groups is not None:
+            k, v = (_per_query_head(t, self.kv_groups, self.n_heads) for t in (k, v))
         o = causal_attention(q, k, v, Dh ** -0.5)
-        m = G.head_multiplier(g, self.n_heads, self.n_kv, o.dtype)
+        m = head_multiplier(g, self.n_heads, self.n_kv, self.kv_groups, o.dtype)
         if m is not None:
             o = o * m[:, None]
         return dense(x.shape[-1], "o_proj")(o.reshape(B, T, self.n_heads * Dh))
+
+
+def _per_query_head(t, kv_groups: tuple, n_heads: int, axis: int = 2):
+    """Repeat K/V heads (or their gates) `kv_groups[j]` times each: one per query head."""
+    return jnp.repeat(t, np.asarray(kv_groups), axis=axis, total_repeat_length=n_heads)
+
+
+def head_multiplier(g: dict, n_heads: int, n_kv: int, kv_groups: tuple | None, dtype):
+    """`gates.head_multiplier`, also for unequal K/V groups."""
+    if kv_groups is None or "kv_heads" not in g:
+        return G.head_multiplier(g, n_heads, n_kv, dtype)
+    m = _per_query_head(g["kv_heads"].astype(dtype), kv_groups, n_heads, axis=0)
+    return m * g["heads"].astype(dtype) if "heads" in g else m
 
 
 class LlamaMLP(nn.Module):
@@ -59,13 +81,14 @@ class LlamaBlock(nn.Module):
     n_heads: int
     n_kv: int
     ffn_dim: int
+    kv_groups: tuple | None = None
 
     @nn.compact
     def __call__(self, x, cos, sin, g):
         hg = g.get("hidden")
         eps = self.config.rms_norm_eps
         if self.n_heads:
-            a = LlamaAttention(self.config, self.n_heads, self.n_kv, name="self_attn")(
+            a = LlamaAttention(self.config, self.n_heads, self.n_kv, self.kv_groups, name="self_attn")(
                 RMSNorm(eps, name="input_layernorm")(x, hg), cos, sin, g)
             x = x + _gate_update(a, g, "attn", hg)
         if self.ffn_dim:
@@ -85,15 +108,22 @@ def _gate_update(update, g, name, hidden_gate):
 
 
 def layer_dims(config: LlamaConfig, lp: dict) -> dict:
-    """Widths of one layer read from its params (layers may differ after compaction)."""
+    """Widths of one layer read from its params (layers may differ after compaction).
+
+    Adds `kv_groups` when `config.layer_shapes` gives layers of these widths unequal groups.
+    """
     Dh = config.head_dim
     attn = lp.get("self_attn")
     mlp = lp.get("mlp")
-    return {
+    dims = {
         "n_heads": attn["q_proj"]["kernel"].shape[1] // Dh if attn else 0,
         "n_kv": attn["k_proj"]["kernel"].shape[1] // Dh if attn else 0,
         "ffn_dim": mlp["up_proj"]["kernel"].shape[1] if mlp else 0,
     }
+    groups = config.kv_groups_for(**dims) if attn else None
+    if groups is not None:
+        dims["kv_groups"] = groups
+    return dims
 
 
 def embed(config: LlamaConfig, tree: dict, tokens, gates: dict):
