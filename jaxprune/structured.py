@@ -1,0 +1,189 @@
+"""Prunable structured units: what each costs, and an activation x weight prior.
+
+A unit is one entry of a gate (see `jaxprune.models.gates`): a query head
+(``heads``), a key/value group with the query heads that read it
+(``kv_heads``), an FFN channel (``ffn``), a whole attention or MLP sublayer
+(``attn``, ``mlp``), a layer (``layer``) or a residual-stream dimension
+(``hidden``). Removing a unit removes parameters; `unit_costs` gives how many
+(non-embedding), so structured targets are fractions of non-embedding
+parameters (`non_embedding_params`).
+
+Under GQA (SmolLM2: 9 query heads over 3 K/V groups) a query head costs its
+rows of q_proj and o_proj plus a 1/G share of its group's k_proj/v_proj, which
+go once every head of the group is gone (`jaxprune.compact` rules); a
+``kv_heads`` unit is a group with all its query heads. In MHA models (OPT,
+Llama with G = 1) a head carries its own k/v.
+
+The prior (Bonsai's starting point, Wanda-style) scores a unit by the
+activation norms entering the output projection times the weight norms of the
+rows it owns: for unit u with input features f of o_proj / down_proj (OPT:
+out_proj / fc2), ``prior(u) = sum_f ||X_f||_2 * ||W_f,:||_2`` with ||X_f|| the
+root mean square of feature f over calibration tokens.
+
+Example:
+    >>> import jax, jax.numpy as jnp, jaxprune as jp
+    >>> cfg = jp.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+    ...                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    >>> params = jp.init(cfg, jax.random.key(0))
+    >>> unit_costs(params, "ffn").shape, int(unit_costs(params, "ffn")[0, 0])
+    ((2, 64), 96)
+    >>> pri = prior(params, jnp.ones((2, 8), jnp.int32), ("heads", "ffn"))
+    >>> pri["heads"].shape, pri["ffn"].shape
+    ((2, 4), (2, 64))
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import models
+from .calibration import capture
+from .compact import compact, param_count as non_embedding_params
+from .errors import InvalidArgumentError
+from .models import gates as gates_lib
+from .params import Params
+
+UNIT_KINDS = ("heads", "kv_heads", "ffn", "attn", "mlp", "layer", "hidden")
+PRIOR_KINDS = ("heads", "kv_heads", "ffn")
+
+# Per family: (attention sublayer keys, mlp sublayer keys, attention output proj, mlp output proj).
+_LAYOUT = {
+    "llama": (("self_attn", "input_layernorm"), ("mlp", "post_attention_layernorm"),
+              ("self_attn", "o_proj"), ("mlp", "down_proj")),
+    "opt": (("self_attn", "self_attn_layer_norm"), ("fc1", "fc2", "final_layer_norm"),
+            ("self_attn", "out_proj"), ("fc2",)),
+}
+
+
+def _size(tree) -> int:
+    return int(sum(np.prod(np.shape(x)) for x in jax.tree.leaves(tree)))
+
+
+def _check_uniform(params: Params):
+    dims = models.family(params.config).per_layer_dims(params.config)
+    if params.config.layer_shapes is not None or any(d != dims[0] for d in dims):
+        raise InvalidArgumentError("structured units need a model with uniform layers (compact it at the end, "
+                                   "not in between)")
+
+
+def gate_shapes(config) -> dict:
+    """Shape of every gate of a uniform model."""
+    L, H = config.num_hidden_layers, config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", None) or H
+    return {"heads": (L, H), "kv_heads": (L, kv), "ffn": (L, config.intermediate_size),
+            "attn": (L,), "mlp": (L,), "layer": (L,), "hidden": (config.hidden_size,)}
+
+
+def check_kinds(kinds, allowed=UNIT_KINDS) -> tuple:
+    kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
+    bad = [k for k in kinds if k not in allowed]
+    if bad or not kinds:
+        raise InvalidArgumentError(f"unit kinds must be a non-empty subset of {allowed}, got {kinds!r}")
+    return kinds
+
+
+def unit_costs(params: Params, kind: str) -> np.ndarray:
+    """Non-embedding parameters removed with each unit of `kind` (float array shaped like its gate).
+
+    ``heads`` include a 1/G share of their K/V group under GQA; ``hidden`` counts every
+    non-embedding entry on that residual dimension."""
+    check_kinds(kind)
+    _check_uniform(params)
+    cfg = params.config
+    lp = params.tree["layers"][0]
+    attn_keys, mlp_keys, _, _ = _LAYOUT[cfg.arch]
+    shape = gate_shapes(cfg)[kind]
+    L = cfg.num_hidden_layers
+    if kind in ("attn", "mlp", "layer"):
+        a = _size({k: lp[k] for k in attn_keys if k in lp})
+        m = _size({k: lp[k] for k in mlp_keys if k in lp})
+        return np.full(shape, {"attn": a, "mlp": m, "layer": a + m}[kind], np.float64)
+    if kind == "ffn":
+        return np.full(shape, _size({k: lp[k] for k in mlp_keys if k in lp and "norm" not in k})
+                       - _bias_size(lp, cfg.arch), np.float64) / cfg.intermediate_size
+    if kind == "hidden":
+        return np.full(shape, _hidden_cost(params), np.float64)
+    att = lp["self_attn"]
+    Dh, H = cfg.head_dim, cfg.num_attention_heads
+    kv = shape[1] if kind == "kv_heads" else (getattr(cfg, "num_key_value_heads", None) or H)
+    G = H // kv
+    per_q = _cols(att["q_proj"], Dh) + att["o_proj" if "o_proj" in att else "out_proj"]["kernel"].shape[1] * Dh
+    per_kv = _cols(att["k_proj"], Dh) + _cols(att["v_proj"], Dh)
+    cost = G * per_q + per_kv if kind == "kv_heads" else per_q + per_kv / G
+    return np.full((L, shape[1]), cost, np.float64)
+
+
+def _cols(dense: dict, n: int) -> int:
+    """Parameters in n output columns of a dense layer (kernel column entries + bias)."""
+    return n * dense["kernel"].shape[0] + (n if "bias" in dense else 0)
+
+
+def _bias_size(lp: dict, arch: str) -> int:
+    """The MLP output projection's bias (not owned by any FFN channel)."""
+    down = lp["mlp"]["down_proj"] if arch == "llama" else lp["fc2"]
+    return int(np.prod(down["bias"].shape)) if "bias" in down else 0
+
+
+def _hidden_cost(params: Params) -> float:
+    """Entries on one residual dimension: what compaction removes with it (same for every dim)."""
+    g = {"hidden": jnp.ones((params.config.hidden_size,), jnp.float32).at[0].set(0.0)}
+    return float(non_embedding_params(params) - non_embedding_params(compact(params, g)))
+
+
+def _output_projection_sumsq(params: Params, tokens, gates):
+    """Per layer: (sum of squares of o_proj's input features, of down_proj's), over tokens."""
+    cfg = params.config
+    _, _, attn_out, mlp_out = _LAYOUT[cfg.arch]
+    wanted = {attn_out, mlp_out}
+    x, ctx = models.embed(params, tokens, gates)
+    out = []
+    for i in range(len(params.tree["layers"])):
+        x, st = capture(lambda: models.layer(params, i, x, ctx, gates), "sumsq", wanted)
+        out.append((st.get(attn_out), st.get(mlp_out)))
+    return out
+
+
+_sumsq_jit = jax.jit(_output_projection_sumsq)
+
+
+def prior(params: Params, tokens, kinds=("heads", "ffn"), gates=None) -> dict:
+    """Activation x weight-norm prior per unit (higher = more important), under `gates`.
+
+    Returns {kind: float32 array shaped like its gate}. Units already gated off score 0."""
+    kinds = check_kinds(kinds, PRIOR_KINDS)
+    _check_uniform(params)
+    tokens = jnp.asarray(tokens, jnp.int32)
+    cfg = params.config
+    _, _, attn_out, mlp_out = _LAYOUT[cfg.arch]
+    stats = _sumsq_jit(params, tokens, gates_lib.check_gates(gates) or None)
+    n = float(tokens.size)
+    H = cfg.num_attention_heads
+    kv = getattr(cfg, "num_key_value_heads", None) or H
+    res = {k: [] for k in kinds}
+    for lp, (s_attn, s_mlp) in zip(params.tree["layers"], stats):
+        if "heads" in kinds or "kv_heads" in kinds:
+            w = _row_norms(lp, attn_out)
+            per_feat = jnp.sqrt(s_attn / n) * w
+            heads = per_feat.reshape(H, -1).sum(axis=1)
+            if "heads" in kinds:
+                res["heads"].append(heads)
+            if "kv_heads" in kinds:
+                res["kv_heads"].append(heads.reshape(kv, H // kv).sum(axis=1))
+        if "ffn" in kinds:
+            res["ffn"].append(jnp.sqrt(s_mlp / n) * _row_norms(lp, mlp_out))
+    return {k: jnp.stack(v).astype(jnp.float32) for k, v in res.items()}
+
+
+def _row_norms(lp: dict, path: tuple):
+    d = lp
+    for p in path:
+        d = d[p]
+    return jnp.sqrt(jnp.sum(jnp.square(d["kernel"].astype(jnp.float32)), axis=1))
+
+
+def ones(config, kinds) -> dict:
+    """All-ones float32 gates for `kinds` (everything kept)."""
+    shapes = gate_shapes(config)
+    return {k: jnp.ones(shapes[k], jnp.float32) for k in check_kinds(kinds)}

@@ -1,0 +1,96 @@
+"""Utilities of sub-models for structured pruning: higher is better.
+
+A utility is either a jax-traceable ``utility(params, gates) -> scalar`` (Bonsai
+and FinerCut `vmap` it over a batch of gates), or an object with
+``evaluate_batch(params, stacked_gates, batch_size=None) -> np.ndarray [S]``
+when it needs host-side work such as decoding text
+(`jaxprune.reasoning.ReasoningUtility`). `evaluate` runs either kind over a
+batch of sub-models.
+
+Example:
+    >>> import jax, jax.numpy as jnp, jaxprune as jp
+    >>> cfg = jp.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+    ...                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    >>> params = jp.init(cfg, jax.random.key(0))
+    >>> u = perplexity_utility(jnp.ones((2, 8), jnp.int32))
+    >>> g = {"ffn": jnp.ones((3, 2, 64)).at[1, 0, :32].set(0.0)}     # three sub-models
+    >>> scores = evaluate(u, params, g, batch_size=2)
+    >>> scores.shape, bool(scores[0] == scores[2]), bool(scores[0] != scores[1])
+    ((3,), True, True)
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import models
+from .errors import InvalidArgumentError
+
+
+def mean_nll(params, windows, gates=None, chunk: int = 256):
+    """Mean next-token NLL over `windows` [N, T], with the LM head applied to `chunk` positions
+    at a time, so a sub-model never holds more than chunk x vocab logits (traceable)."""
+    h = models.hidden_states(params, windows, gates)[:, :-1]
+    D = h.shape[-1]
+    h = h.reshape(-1, D)
+    targets = windows[:, 1:].reshape(-1)
+    n = h.shape[0]
+    pad = (-n) % chunk
+    h = jnp.pad(h, ((0, pad), (0, 0))).reshape(-1, 1, chunk, D)
+    t = jnp.pad(targets, (0, pad)).reshape(-1, chunk)
+
+    def one(args):
+        hc, tc = args
+        logits = models.unembed(params, hc, gates)[0]
+        return jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, tc[:, None], axis=-1)[:, 0]
+
+    nll = jax.lax.map(one, (h, t)).reshape(-1)[:n]
+    return jnp.mean(nll)
+
+
+def perplexity_utility(windows, chunk: int = 256, log: bool = False) -> Callable:
+    """Negative perplexity on `windows` (int [N, T]): exp of the mean NLL of the next-token
+    predictions (the protocol of `jaxprune.perplexity`), LM head in chunks of `chunk` tokens.
+    With `log=True`, negative log-perplexity (= minus the mean NLL): the same ranking of
+    sub-models on a scale that grows linearly, not exponentially, with the damage."""
+    windows = jnp.asarray(windows, jnp.int32)
+    if windows.ndim != 2 or windows.shape[1] < 2:
+        raise InvalidArgumentError(f"utility windows must be int [n, seqlen >= 2], got shape {windows.shape}")
+
+    def utility(params, gates):
+        nll = mean_nll(params, windows, gates, chunk)
+        return -nll if log else -jnp.exp(nll)
+
+    return utility
+
+
+def _stack_size(stacked_gates) -> int:
+    sizes = {np.shape(x)[0] for x in jax.tree.leaves(stacked_gates)}
+    if len(sizes) != 1:
+        raise InvalidArgumentError(f"stacked gates need one leading sub-model axis, got sizes {sorted(sizes)}")
+    return sizes.pop()
+
+
+def evaluate(utility, params, stacked_gates, batch_size: int | None = 8) -> np.ndarray:
+    """Scores [S] of S sub-models (gates with a leading axis S): a traceable utility runs as
+    one jitted `lax.map` over the batch, `batch_size` sub-models per vmapped forward."""
+    _stack_size(stacked_gates)
+    if hasattr(utility, "evaluate_batch"):
+        return np.asarray(utility.evaluate_batch(params, stacked_gates, batch_size=batch_size))
+    return np.asarray(_mapped(utility, batch_size)(params, stacked_gates))
+
+
+_CACHE: dict = {}
+
+
+def _mapped(utility, batch_size):
+    key = (utility, batch_size)
+    if key not in _CACHE:
+        if len(_CACHE) > 16:
+            _CACHE.clear()
+        _CACHE[key] = jax.jit(lambda p, g: jax.lax.map(lambda gi: utility(p, gi), g, batch_size=batch_size))
+    return _CACHE[key]
