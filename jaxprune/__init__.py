@@ -15,6 +15,9 @@ from .evaluate import perplexity
 from .io.export import save
 from .io.resolve import load, tokenizer
 from .calibration import input_stats
+from .compact import compact
+from .bonsai import bonsai
+from .finercut import finercut
 from .masks import apply_masks, summary as sparsity_summary
 from .models import forward, init
 from .owl import owl_sparsities
@@ -32,6 +35,9 @@ __all__ = [
     "OPTConfig",
     "Params",
     "apply_masks",
+    "bonsai",
+    "compact",
+    "finercut",
     "default_prunable",
     "input_stats",
     "magnitude",

@@ -4,6 +4,8 @@
     jaxprune eval [MODEL] [--text FILE] [--seqlen 512] [--max-windows N]
     jaxprune prune [MODEL] --method wanda|sparsegpt|magnitude --sparsity 0.5 [--pattern 2:4]
                    [--calib FILE ...] --out DIR
+    jaxprune prune [MODEL] --method bonsai|finercut --target 0.3 --out DIR     (structured:
+                   removes a fraction of non-embedding parameters; writes the smaller model)
 
 MODEL defaults to the bundled `smollm2-135m`; --text defaults to the bundled
 `prideprejudice` (any bundled name, local file or `datasets` source works).
@@ -92,27 +94,18 @@ def cmd_prune(args) -> int:
     from rich.table import Table
 
     from . import __version__
-    from .data import CALIBRATION_TEXTS, calibration_windows, eval_windows, read_text
     from .evaluate import perplexity
     from .io.export import save
-    from .io.resolve import load, tokenizer
     from .masks import apply_masks, summary
     from .owl import owl_sparsities
     from .pruning import magnitude, sparsegpt, wanda
 
+    if args.method in STRUCTURED:
+        return cmd_prune_structured(args)
     console = Console(stderr=True)
-    out = os.path.abspath(args.out)
-    if os.path.exists(out) and not args.overwrite:
-        raise CheckpointError(f"{out} already exists; pass --overwrite to replace it")
+    out = _check_out(args)
     timings = {}
-    t = time.perf_counter()
-    params = load(args.model)
-    tok = tokenizer(args.model)
-    timings["load_s"] = time.perf_counter() - t
-    calib_sources = args.calib or list(CALIBRATION_TEXTS)
-    calib = calibration_windows(tok, [read_text(c) for c in calib_sources], n=args.n_calib,
-                                seqlen=args.seqlen, seed=args.seed)
-    ev = eval_windows(tok, read_text(args.eval_text), seqlen=args.seqlen, max_windows=args.eval_windows)
+    params, tok, calib_sources, calib, ev = _inputs(args, 32, args.seqlen, timings)
     console.print(f"[bold]{args.model}[/bold]: {args.method} {args.pattern or 'unstructured'} at sparsity "
                   f"{args.sparsity}, mode {args.mode}; calibration {calib.shape[0]} x {calib.shape[1]} tokens from "
                   f"{', '.join(calib_sources)}; evaluation {ev.shape[0]} x {ev.shape[1]} tokens of {args.eval_text}")
@@ -161,6 +154,98 @@ def cmd_prune(args) -> int:
     return 0
 
 
+STRUCTURED = ("bonsai", "finercut")
+
+
+def _inputs(args, n_calib_default: int, calib_seqlen: int, timings: dict):
+    """Model, tokenizer, calibration sources and windows, evaluation windows (load time recorded)."""
+    from .data import CALIBRATION_TEXTS, calibration_windows, eval_windows, read_text
+    from .io.resolve import load, tokenizer
+    t = time.perf_counter()
+    params = load(args.model)
+    tok = tokenizer(args.model)
+    timings["load_s"] = time.perf_counter() - t
+    sources = args.calib or list(CALIBRATION_TEXTS)
+    calib = calibration_windows(tok, [read_text(c) for c in sources], n=args.n_calib or n_calib_default,
+                                seqlen=calib_seqlen, seed=args.seed)
+    ev = eval_windows(tok, read_text(args.eval_text), seqlen=args.seqlen, max_windows=args.eval_windows)
+    return params, tok, sources, calib, ev
+
+
+def _check_out(args) -> str:
+    out = os.path.abspath(args.out)
+    if os.path.exists(out) and not args.overwrite:
+        raise CheckpointError(f"{out} already exists; pass --overwrite to replace it")
+    return out
+
+
+def cmd_prune_structured(args) -> int:
+    """Bonsai / FinerCut to `--target` of non-embedding parameters, then compaction and export."""
+    import json
+
+    import jax
+    from rich.console import Console
+    from rich.table import Table
+
+    from .bonsai import bonsai
+    from .compact import compact
+    from .evaluate import perplexity
+    from .finercut import finercut
+    from .io.export import save
+    from .structured import non_embedding_params
+
+    if args.target is None or not 0 < args.target < 1:
+        raise JaxpruneError(f"--method {args.method} needs --target, a fraction in (0, 1) of non-embedding "
+                            f"parameters to remove, got {args.target}")
+    console = Console(stderr=True)
+    out = _check_out(args)
+    timings = {}
+    params, tok, calib_sources, calib, ev = _inputs(args, 4, args.calib_seqlen, timings)
+    console.print(f"[bold]{args.model}[/bold]: {args.method} removing {args.target:.0%} of non-embedding parameters; "
+                  f"calibration {calib.shape[0]} x {calib.shape[1]} tokens from {', '.join(calib_sources)}")
+    dense_n = non_embedding_params(params)
+    t = time.perf_counter()
+    if args.method == "bonsai":
+        def report_round(r):
+            console.print(f"round {r['round'] + 1}: {r['params_left']:,} non-embedding parameters left "
+                          f"({r['removed_fraction']:.1%} removed)"
+                          + (f", sub-model utility mean {r['utility_mean']:.3g}" if "utility_mean" in r else "")
+                          + f", {r['seconds']:.1f}s")
+        res = bonsai(params, calib, target=args.target, n_samples=args.samples, key=jax.random.key(args.seed),
+                     show_progress=args.progress, callback=report_round)
+        gates = res.gates
+        details = [{k: v for k, v in r.items() if k != "gates"} for r in res.history]
+    else:
+        res = finercut(params, calib, target=args.target, show_progress=args.progress)
+        gates = res.gates()
+        details = [{"removed": f"{kind} {i}", "divergence": d} for (kind, i), d in zip(res.order, res.divergences)]
+        for row in details:
+            console.print(f"removed {row['removed']} (JSD {row['divergence']:.4f})")
+    small = compact(params, gates)
+    jax.block_until_ready(small)
+    timings["prune_s"] = time.perf_counter() - t
+    small_n = non_embedding_params(small)
+    t = time.perf_counter()
+    dense_ppl = perplexity(params, ev, seqlen=args.seqlen, show_progress=args.progress)
+    pruned_ppl = perplexity(small, ev, seqlen=args.seqlen, show_progress=args.progress)
+    timings["eval_s"] = time.perf_counter() - t
+    report = {"model": args.model, "method": args.method, "target": args.target, "seed": args.seed,
+              "calibration": {"sources": calib_sources, "n": int(calib.shape[0]), "seqlen": int(calib.shape[1])},
+              "evaluation": {"text": args.eval_text, "windows": int(ev.shape[0]), "seqlen": args.seqlen},
+              "non_embedding_params": {"dense": dense_n, "pruned": small_n, "removed_fraction": 1 - small_n / dense_n},
+              "perplexity": {"dense": dense_ppl, "pruned": pruned_ppl}, "steps": details, "timings": timings}
+    save(small, out, tokenizer=tok, overwrite=args.overwrite, extra_files={"report.json": json.dumps(report, indent=2)})
+    table = Table(title=f"{args.model}: dense vs {args.method} ({1 - small_n / dense_n:.1%} of non-embedding "
+                        f"parameters removed)")
+    for c in ("model", "non-embedding params", "perplexity"):
+        table.add_column(c)
+    table.add_row("dense", f"{dense_n:,}", f"{dense_ppl:.2f}")
+    table.add_row(args.method, f"{small_n:,}", f"{pruned_ppl:.2f}")
+    Console().print(table)
+    print(f"wrote {out} (smaller Hugging Face checkpoint, report.json)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="jaxprune", description="Prune large language models in JAX.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -176,13 +261,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
     p = sub.add_parser("prune", help="one-shot pruning; writes a checkpoint and report.json")
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL)
-    p.add_argument("--method", choices=("wanda", "sparsegpt", "magnitude"), default="wanda")
+    p.add_argument("--method", choices=("wanda", "sparsegpt", "magnitude") + STRUCTURED, default="wanda")
     p.add_argument("--sparsity", type=float, default=0.5)
+    p.add_argument("--target", type=float, default=None,
+                   help="bonsai/finercut: fraction of non-embedding parameters to remove")
+    p.add_argument("--samples", type=int, default=32, help="bonsai: sub-models evaluated per round")
+    p.add_argument("--calib-seqlen", type=int, default=128, help="bonsai/finercut: calibration window length")
     p.add_argument("--pattern", default=None, help="N:M, e.g. 2:4 (default: unstructured)")
     p.add_argument("--mode", choices=("sequential", "as-you-go", "dense"), default="sequential")
     p.add_argument("--owl", action="store_true", help="outlier-weighted layer-wise sparsity (OWL)")
     p.add_argument("--calib", nargs="+", help="calibration texts (default: bundled emma, mansfieldpark)")
-    p.add_argument("--n-calib", type=int, default=32)
+    p.add_argument("--n-calib", type=int, default=None, help="calibration windows (default 32; bonsai/finercut 4)")
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-text", default="prideprejudice")

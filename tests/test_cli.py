@@ -80,3 +80,27 @@ def test_prune_writes_checkpoint_report_and_table(opt_dir, tmp_path, capsys):
     assert jp.sparsity_summary(jp.magnitude(jp.load(str(out)), 0.0))["total_size"] > 0
     assert main(argv) == 2  # refuses to overwrite
     assert "already exists" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["bonsai", "finercut"])
+def test_structured_prune_writes_a_smaller_model(opt_dir, tmp_path, capsys, method):
+    import json
+    import jaxprune as jp
+    from jaxprune.structured import non_embedding_params
+    d = with_char_tokenizer(opt_dir, tmp_path)
+    text = tmp_path / "t.txt"
+    text.write_text("It is a truth universally acknowledged.\n\nThat a single man. " * 30)
+    out = tmp_path / "out"
+    argv = ["prune", str(d), "--method", method, "--target", "0.2", "--calib", str(text), "--n-calib", "2",
+            "--calib-seqlen", "16", "--samples", "8", "--seqlen", "32", "--eval-text", str(text),
+            "--eval-windows", "2", "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert method in captured.out and "non-embedding" in captured.out
+    assert ("round 1" in captured.err) if method == "bonsai" else ("removed" in captured.err)
+    report = json.loads((out / "report.json").read_text())
+    assert report["non_embedding_params"]["removed_fraction"] >= 0.2
+    small = jp.load(str(out))
+    assert non_embedding_params(small) == report["non_embedding_params"]["pruned"]
+    assert main(["prune", str(d), "--method", method, "--out", str(tmp_path / "o2")]) == 2  # no --target
+    assert "--target" in capsys.readouterr().err
