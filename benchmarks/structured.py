@@ -68,6 +68,7 @@ def main():
     ap.add_argument("--finercut-calib", type=int, default=2,
                     help="FinerCut calibration windows (a full step costs one forward per sublayer)")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--methods", default="prior,bonsai,finercut", help="comma-separated subset to run")
     args = ap.parse_args()
 
     params = jp.load("smollm2-135m")
@@ -77,7 +78,7 @@ def main():
     ev = jp.eval_windows(tok, jp.bundled_text(jp.data.EVALUATION_TEXT), seqlen=512, max_windows=args.eval_windows)
     lines = [f"Machine: {machine()}.",
              f"SmolLM2-135M-Instruct (float32); calibration {calib.shape[0]} x {calib.shape[1]} tokens "
-             f"(emma + mansfieldpark, seed 0), which is also the sub-model utility (negative perplexity); "
+             f"(emma + mansfieldpark, seed 0), which is also the sub-model utility (negative log-perplexity); "
              f"evaluation: first {ev.shape[0]} x 512 windows of prideprejudice."]
 
     per_vmap, per_loop, rel = vmap_vs_loop(params, calib)
@@ -89,20 +90,25 @@ def main():
         print("\n".join(lines))
         return
 
+    methods = args.methods.split(",")
     dense_n = structured.non_embedding_params(params)
-    runs = {}
+    runs, seconds = {}, {}
     t = time.perf_counter()
-    runs["prior"] = jp.bonsai(params, calib, target=max(LEVELS), n_samples=0, show_progress=True).history
-    t_prior = time.perf_counter() - t
+    if "prior" in methods:
+        runs["prior"] = jp.bonsai(params, calib, target=max(LEVELS), n_samples=0, show_progress=True).history
+        seconds["prior"] = time.perf_counter() - t
     t = time.perf_counter()
     log = lambda r: print(f"bonsai round {r['round'] + 1}: {r['removed_fraction']:.3f} removed, "
                           f"{r['seconds']:.0f}s, utility mean {r.get('utility_mean', 0):.1f}", flush=True)
-    runs["bonsai"] = jp.bonsai(params, calib, target=max(LEVELS), n_samples=args.samples,
-                               key=jax.random.key(0), show_progress=True, callback=log).history
-    t_bonsai = time.perf_counter() - t
+    if "bonsai" in methods:
+        runs["bonsai"] = jp.bonsai(params, calib, target=max(LEVELS), n_samples=args.samples,
+                                   key=jax.random.key(0), show_progress=True, callback=log).history
+        seconds["bonsai"] = time.perf_counter() - t
     t = time.perf_counter()
-    fc = jp.finercut(params, calib[:args.finercut_calib], target=max(LEVELS), show_progress=True)
-    t_finercut = time.perf_counter() - t
+    fc = None
+    if "finercut" in methods:
+        fc = jp.finercut(params, calib[:args.finercut_calib], target=max(LEVELS), show_progress=True)
+        seconds["finercut"] = time.perf_counter() - t
 
     dense_ppl = jp.perplexity(params, ev, seqlen=512)
     speed_tokens = jnp.asarray(ev[:4])
@@ -110,30 +116,33 @@ def main():
     rows = []
     for level in LEVELS:
         row = {"level": level}
-        for name in ("prior", "bonsai"):
+        for name in runs:
             gates, rec = snapshot_at(runs[name], level)
             small = jp.compact(params, gates)
             row[name] = (jp.perplexity(small, ev, seqlen=512), rec["removed_fraction"], tokens_per_s(small, speed_tokens))
-        k = int(np.searchsorted(np.asarray(fc.params_removed), level * dense_n) + 1)
-        small = jp.compact(params, fc.gates(k))
-        row["finercut"] = (jp.perplexity(small, ev, seqlen=512), 1 - structured.non_embedding_params(small) / dense_n,
-                           tokens_per_s(small, speed_tokens))
+        if fc is not None:
+            k = int(np.searchsorted(np.asarray(fc.params_removed), level * dense_n - 0.5) + 1)
+            small = jp.compact(params, fc.gates(k))
+            row["finercut"] = (jp.perplexity(small, ev, seqlen=512),
+                               1 - structured.non_embedding_params(small) / dense_n, tokens_per_s(small, speed_tokens))
         rows.append(row)
         print(row, flush=True)
 
-    bonsai_to_30 = sum(r["seconds"] for r in runs["bonsai"] if r["removed_fraction"] < 0.3 - 1e-9) + \
-        snapshot_at(runs["bonsai"], 0.3)[1]["seconds"]
+    bonsai_to_30 = (sum(r["seconds"] for r in runs["bonsai"] if r["removed_fraction"] < 0.3 - 1e-9)
+                    + snapshot_at(runs["bonsai"], 0.3)[1]["seconds"]) if "bonsai" in runs else float("nan")
     lines += ["", f"Dense: perplexity {dense_ppl:.2f}, {dense_n:,} non-embedding parameters, forward "
               f"{dense_tps:.0f} tokens/s (batch 4 x 512).", "",
               "| removed (target) | prior alone: ppl (removed) | Bonsai: ppl (removed) | FinerCut: ppl (removed) | "
               "tokens/s vs dense: prior / Bonsai / FinerCut |", "|---|---|---|---|---|"]
     for r in rows:
-        cell = lambda n: f"{r[n][0]:.2f} ({r[n][1]:.1%})"
+        cell = lambda n: f"{r[n][0]:.2f} ({r[n][1]:.1%})" if n in r else "-"
+        speed = lambda n: f"{r[n][2] / dense_tps:.2f}x" if n in r else "-"
         lines.append(f"| {r['level']:.0%} | {cell('prior')} | {cell('bonsai')} | {cell('finercut')} | "
-                     f"{r['prior'][2] / dense_tps:.2f}x / {r['bonsai'][2] / dense_tps:.2f}x / {r['finercut'][2] / dense_tps:.2f}x |")
-    lines += ["", f"Times to 50%: prior alone {t_prior:.0f} s; Bonsai ({args.samples} sub-models per round, rounds "
-              f"of 5%) {t_bonsai:.0f} s, of which {bonsai_to_30:.0f} s to reach 30%; FinerCut (full removal order "
-              f"to 50%, on the first {args.finercut_calib} calibration windows) {t_finercut:.0f} s."]
+                     f"{speed('prior')} / {speed('bonsai')} / {speed('finercut')} |")
+    t = lambda n: f"{seconds[n]:.0f} s" if n in seconds else "not run"
+    lines += ["", f"Times to 50%: prior alone {t('prior')}; Bonsai ({args.samples} sub-models per round, rounds "
+              f"of 5%) {t('bonsai')}, of which {bonsai_to_30:.0f} s to reach 30%; FinerCut (removal order "
+              f"to 50%, on the first {args.finercut_calib} calibration windows) {t('finercut')}."]
     text = "\n".join(lines)
     print(text)
     write_section("Structured pruning on SmolLM2 (benchmarks/structured.py)", text)

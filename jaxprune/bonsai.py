@@ -22,8 +22,12 @@ Each round removes about `step` of the dense model's non-embedding parameters:
    than towards zero: each unit's cost times its prior relative to its module's
    mean (scaled by a least-squares fit), so that with few samples the ranking
    degrades to each module's own prior ranking; ridge strength by k-fold
-   cross-validation on held-out antithetic pairs.
-5. **removal**: lowest importance per parameter first, until the round's budget.
+   cross-validation on held-out antithetic pairs. Every sample drops a fixed
+   share of each module, so the data rank units *within* a module; how much
+   each module matters as a whole comes from the prior term.
+5. **removal**: lowest importance per parameter first, until the round's budget
+   (round r aims at ``(r + 1) * step`` removed in total, so levels that are
+   multiples of `step` are passed through exactly, up to one unit).
 
 With ``n_samples=0`` the prior alone decides (each module loses the same
 fraction of its units, lowest prior first): the baseline Bonsai improves on.
@@ -192,13 +196,17 @@ def bonsai(params: Params, calib, target: float = 0.3, *, utility: Callable | No
     gates = structured.ones(params.config, kinds)
     count = dense
     history = []
-    max_rounds = int(np.ceil(target / step)) + 5
-    bar = progress(range(max_rounds), "bonsai", total=int(np.ceil(target / step)), enabled=show_progress)
+    rounds = int(np.ceil(target / step - 1e-9))
+    bar = progress(range(4 * rounds + 10), "bonsai", total=rounds, enabled=show_progress)
     for rnd in bar:
         if count <= goal:
             break
         t0 = time.perf_counter()
-        budget = min(step * dense, count - goal)
+        # Round r aims at (r + 1) * step removed in total, so rounds land on multiples of `step`
+        # (whatever a round over- or undershoots, the next one corrects).
+        budget = count - max(goal, (1.0 - step * (rnd + 1)) * dense)
+        if budget <= 0:
+            continue
         pri = structured.prior(params, calib, kinds, gates)
         record = {"round": rnd}
         if n_samples:
@@ -215,6 +223,9 @@ def bonsai(params: Params, calib, target: float = 0.3, *, utility: Callable | No
         history.append(record)
         if callback is not None:
             callback(record)
+    if count > goal:
+        raise InvalidArgumentError(f"bonsai stopped at {1 - count / dense:.1%} removed, short of the target "
+                                   f"{target:.1%}: too few prunable units of kinds {kinds}")
     return BonsaiResult(gates=gates, removed_fraction=1 - count / dense, history=history)
 
 

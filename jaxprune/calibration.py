@@ -142,16 +142,19 @@ def run_layerwise(params: Params, tokens, kind: str | None, prune_dense: Callabl
         xs.append(x)
     X = jnp.concatenate(xs)
 
-    run = jax.jit(lambda lp, x, c: fam.layer(cfg, lp, x, c, {}))
+    # kg: the layer's unequal K/V grouping (static; None for every layer of an uncompacted model)
+    run = jax.jit(lambda lp, x, c, kg: fam.layer(cfg, lp, x, c, {}, kg), static_argnums=3)
     # In dense mode the statistics pass also yields the next input; otherwise only the
     # statistics are returned and XLA drops work that only feeds the layer output (the
     # down projection), so the reference's first pass costs less than a full forward.
-    stats_and_output = jax.jit(lambda lp, x, c: capture(lambda: fam.layer(cfg, lp, x, c, {}), kind))
-    stats_only = jax.jit(lambda lp, x, c: capture(lambda: fam.layer(cfg, lp, x, c, {}), kind)[1])
+    stats_and_output = jax.jit(lambda lp, x, c, kg: capture(lambda: fam.layer(cfg, lp, x, c, {}, kg), kind),
+                               static_argnums=3)
+    stats_only = jax.jit(lambda lp, x, c, kg: capture(lambda: fam.layer(cfg, lp, x, c, {}, kg), kind)[1],
+                         static_argnums=3)
     prune = jax.jit(lambda lp, st, cnt, sparsity: prune_layer(lp, st, cnt, prune_dense, sparsity),
                     static_argnums=3)
 
-    def one_pass(lp, X, ctx, sparsity, target):
+    def one_pass(lp, X, ctx, sparsity, target, kg):
         new_lp, masks = lp, {}
 
         def on_dense(path, module, x, call):
@@ -165,22 +168,22 @@ def run_layerwise(params: Params, tokens, kind: str | None, prune_dense: Callabl
             return y + new["bias"].astype(y.dtype) if "bias" in new else y
 
         with nn.intercept_methods(_dense_interceptor(on_dense)):
-            Y = fam.layer(cfg, lp, X, ctx, {})
+            Y = fam.layer(cfg, lp, X, ctx, {}, kg)
         return new_lp, masks, Y
 
-    as_you_go = jax.jit(one_pass, static_argnums=(3, 4))
+    as_you_go = jax.jit(one_pass, static_argnums=(3, 4, 5))
 
-    def run_all(lp, X):
-        return jnp.concatenate([run(lp, X[s:s + bs], ctx) for s in range(0, n, bs)])
+    def run_all(lp, X, kg):
+        return jnp.concatenate([run(lp, X[s:s + bs], ctx, kg) for s in range(0, n, bs)])
 
-    def stats_all(lp, X, with_output: bool):
+    def stats_all(lp, X, kg, with_output: bool):
         outs, total = [], None
         for s in range(0, n, bs):
             if with_output:
-                y, st = stats_and_output(lp, X[s:s + bs], ctx)
+                y, st = stats_and_output(lp, X[s:s + bs], ctx, kg)
                 outs.append(y)
             else:
-                st = stats_only(lp, X[s:s + bs], ctx)
+                st = stats_only(lp, X[s:s + bs], ctx, kg)
             total = st if total is None else jax.tree.map(jnp.add, total, st)
         return (jnp.concatenate(outs) if outs else None), total
 
@@ -189,17 +192,18 @@ def run_layerwise(params: Params, tokens, kind: str | None, prune_dense: Callabl
     layers = params.tree["layers"]
     for i in progress(range(len(layers)), description, total=len(layers), enabled=show_progress):
         lp, sparsity, target = layers[i], float(sparsities[i]), frozenset(targets[i])
+        kg = models.kv_groups(cfg, i)
         if not target:
-            X = run_all(lp, X)
+            X = run_all(lp, X, kg)
             new_layers.append(lp)
             layer_masks.append({})
             continue
         if mode == "as-you-go":
-            new_lp, masks, X = as_you_go(lp, X, ctx, sparsity, target)
+            new_lp, masks, X = as_you_go(lp, X, ctx, sparsity, target, kg)
         else:
-            Y, stats = stats_all(lp, X, with_output=(mode == "dense"))
+            Y, stats = stats_all(lp, X, kg, with_output=(mode == "dense"))
             new_lp, masks = prune(lp, {p: v for p, v in stats.items() if p in target}, count, sparsity)
-            X = run_all(new_lp, X) if mode == "sequential" else Y
+            X = run_all(new_lp, X, kg) if mode == "sequential" else Y
         new_layers.append(new_lp)
         layer_masks.append(masks)
     return new_layers, layer_masks

@@ -25,9 +25,8 @@ gated model's, `jaxprune.models.forward(params, tokens, gates)` (see
   ties in the original order) and their query heads follow them. When a layer's
   groups end up unequal, its entry in ``config.layer_shapes`` carries
   ``kv_groups`` (query heads per kept group) and the attention repeats K/V per
-  query head. A layer's forward finds its ``kv_groups`` by its widths
-  (``n_heads, n_kv, ffn_dim``), so when two layers of equal widths would need
-  different groupings, one gets zero FFN channels appended (exact: they add 0).
+  query head (`jaxprune.models.layer` passes layer i's grouping as a static
+  argument).
 * Config: when every remaining layer has the same widths, both sublayers and
   equal groups, the result is a plain config (``num_attention_heads``,
   ``num_key_value_heads``, ``intermediate_size``/``ffn_dim``, ``hidden_size``
@@ -116,8 +115,10 @@ def param_count(params) -> int:
 def _layer_dims(params: Params) -> list[dict]:
     cfg = params.config
     dims = [dict(models.family(cfg).layer_dims(cfg, lp)) for lp in params.tree["layers"]]
-    for d in dims:
+    for i, d in enumerate(dims):
         d.setdefault("n_kv", d["n_heads"])  # OPT: one K/V head per query head
+        if models.kv_groups(cfg, i):
+            d["kv_groups"] = models.kv_groups(cfg, i)
     return dims
 
 
@@ -212,19 +213,8 @@ def _plan(params: Params, gates) -> tuple[list[dict], np.ndarray | None]:
             dims=d, heads=heads, head_scale=m[heads], groups=np.asarray(kept_groups, int),
             kv_groups=new_groups if len(set(new_groups)) > 1 else None,
             channels=channels, channel_scale=f[channels],
-            s_attn=1.0 if post_ln else s_a, s_mlp=1.0 if post_ln else s_m, pad=0))
+            s_attn=1.0 if post_ln else s_a, s_mlp=1.0 if post_ln else s_m))
     return plans, hid
-
-
-def _disambiguate(plans: list[dict]) -> None:
-    """Pad FFN widths so that (n_heads, n_kv, ffn_dim) determines a layer's kv_groups."""
-    key = lambda p: (len(p["heads"]), len(p["groups"]), len(p["channels"]) + p["pad"])
-    kept = [p for p in plans if len(p["heads"]) or len(p["channels"])]
-    table = {key(p): None for p in kept if p["kv_groups"] is None}
-    for p in kept:
-        if p["kv_groups"] is not None:
-            while table.setdefault(key(p), p["kv_groups"]) != p["kv_groups"]:
-                p["pad"] += 1
 
 
 def effective_gates(params: Params, gates) -> dict:
@@ -281,21 +271,13 @@ def _scaled(a, factor):
     return (xp.asarray(a).astype(np.float32) * f).astype(a.dtype)
 
 
-def _pad(a, widths):
-    if not any(w for _, w in widths):
-        return a
-    xp = _xp(a)
-    return xp.pad(xp.asarray(a), widths)
-
-
-def _linear(p: dict, rows=None, cols=None, row_scale=None, scale: float = 1.0, pad_rows=0, pad_cols=0) -> dict:
+def _linear(p: dict, rows=None, cols=None, row_scale=None, scale: float = 1.0) -> dict:
     """A dense layer sliced to `rows` (inputs) / `cols` (outputs), rows scaled by `row_scale * scale`,
-    bias by `scale`, then `pad_rows` / `pad_cols` zero inputs / outputs appended."""
+    bias by `scale`."""
     k = _take(_take(p["kernel"], rows, 0), cols, 1)
-    k = _scaled(k, (1.0 if row_scale is None else np.asarray(row_scale, np.float32)) * np.float32(scale))
-    out = {"kernel": _pad(k, ((0, pad_rows), (0, pad_cols)))}
+    out = {"kernel": _scaled(k, (1.0 if row_scale is None else np.asarray(row_scale, np.float32)) * np.float32(scale))}
     if "bias" in p:
-        out["bias"] = _pad(_scaled(_take(p["bias"], cols, 0), scale), ((0, pad_cols),))
+        out["bias"] = _scaled(_take(p["bias"], cols, 0), scale)
     return out
 
 
@@ -329,25 +311,17 @@ def _layer(cfg, lp: dict, plan: dict, hid, D_new: int) -> dict:
                             "v_proj": _linear(a["v_proj"], hid, kv),
                             lay["out"]: _linear(a[lay["out"]], q, hid, np.repeat(plan["head_scale"], Dh),
                                                 plan["s_attn"])}
-    pad = plan["pad"]
     if len(plan["channels"]):
         c = _idx(plan["channels"], d["ffn_dim"])
         new[lay["mlp_norm"]] = _vectors(lp[lay["mlp_norm"]], hid)
         for path in lay["mlp_in"]:
-            _put(new, path, _linear(_get(lp, path), hid, c, pad_cols=pad))
-        _put(new, lay["mlp_out"], _linear(_get(lp, lay["mlp_out"]), c, hid, plan["channel_scale"],
-                                          plan["s_mlp"], pad_rows=pad))
-    elif pad:  # an MLP of zero channels only, to tell this layer's K/V grouping apart (Llama)
-        dtype = jax.tree.leaves(lp)[0].dtype
-        zeros = lambda i, o: {"kernel": jnp.zeros((i, o), dtype),
-                              **({"bias": jnp.zeros((o,), dtype)} if cfg.mlp_bias else {})}
-        new[lay["mlp_norm"]] = {"scale": jnp.ones((D_new,), dtype)}
-        new["mlp"] = {"gate_proj": zeros(D_new, pad), "up_proj": zeros(D_new, pad), "down_proj": zeros(pad, D_new)}
+            _put(new, path, _linear(_get(lp, path), hid, c))
+        _put(new, lay["mlp_out"], _linear(_get(lp, lay["mlp_out"]), c, hid, plan["channel_scale"], plan["s_mlp"]))
     return new
 
 
 def _widths(plan: dict, arch: str) -> dict:
-    w = {"n_heads": len(plan["heads"]), "ffn_dim": len(plan["channels"]) + plan["pad"]}
+    w = {"n_heads": len(plan["heads"]), "ffn_dim": len(plan["channels"])}
     if arch == "llama":
         w["n_kv"] = len(plan["groups"])
     if plan["kv_groups"] is not None:
@@ -396,8 +370,6 @@ def compact(params: Params, gates) -> Params:
         raise InvalidArgumentError("compact needs concrete params: it cannot run under jit or vmap")
     cfg, tree = params.config, params.tree
     plans, hid = _plan(params, gates)
-    if cfg.arch == "llama":
-        _disambiguate(plans)
     D = cfg.hidden_size if hid is None else len(hid)
     layers, widths = [], []
     for lp, plan in zip(tree["layers"], plans):

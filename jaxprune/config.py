@@ -41,12 +41,7 @@ def _layer_shapes_to_json(layer_shapes) -> list[dict]:
 
 
 def _check_layer_shapes(layer_shapes) -> None:
-    """Unequal K/V groups must be consistent and identified by (n_heads, n_kv, ffn_dim).
-
-    A layer's forward reads its widths from its weight shapes (never its index), so
-    every layer with the same widths must share one grouping (or none).
-    """
-    seen = {}
+    """Unequal K/V groups: `kv_groups` lists positive query-head counts, one per K/V head."""
     for i, entry in enumerate(layer_shapes or ()):
         d = dict(entry)
         groups = d.get("kv_groups")
@@ -55,12 +50,6 @@ def _check_layer_shapes(layer_shapes) -> None:
                 raise InvalidArgumentError(
                     f"layer_shapes[{i}]: kv_groups {tuple(groups)} must be {d['n_kv']} positive "
                     f"query-head counts summing to n_heads={d['n_heads']}")
-            groups = tuple(groups)
-        key = (d.get("n_heads"), d.get("n_kv"), d.get("ffn_dim"))
-        if seen.setdefault(key, groups) != groups:
-            raise InvalidArgumentError(
-                f"layer_shapes[{i}]: layers with n_heads, n_kv, ffn_dim = {key} have different "
-                f"kv_groups ({seen[key]} and {groups}); the grouping must follow from the widths")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,13 +92,12 @@ class LlamaConfig:
             raise UnsupportedModelError(f"Llama hidden_act {self.hidden_act!r} is not supported (only silu)")
         _check_layer_shapes(self.layer_shapes)
 
-    def kv_groups_for(self, n_heads: int, n_kv: int, ffn_dim: int) -> tuple | None:
-        """Query heads per K/V group of layers with these widths, when unequal (else None)."""
-        for entry in self.layer_shapes or ():
-            d = dict(entry)
-            if d.get("kv_groups") and (d["n_heads"], d["n_kv"], d["ffn_dim"]) == (n_heads, n_kv, ffn_dim):
-                return tuple(d["kv_groups"])
-        return None
+    def kv_groups_of(self, i: int) -> tuple | None:
+        """Query heads per K/V group of layer `i` when its groups are unequal (else None)."""
+        if self.layer_shapes is None:
+            return None
+        groups = dict(self.layer_shapes[i]).get("kv_groups")
+        return tuple(groups) if groups else None
 
     @property
     def head_dim(self) -> int:

@@ -151,3 +151,25 @@ def test_prior_only_mode_and_errors(tiny):
             jp.bonsai(params, calib, **bad)
     with pytest.raises(jp.InvalidArgumentError):
         jp.bonsai(params, np.zeros((2, 3), np.float32), target=0.2)
+
+
+def test_bonsai_takes_any_utility_traceable_or_host_side(tiny):
+    """The same utility as a traced function (vmapped) and as a host-side `evaluate_batch`
+    gives the same pruning; the host one is called once per round with the whole batch."""
+    params, calib = tiny
+
+    class HostUtility:
+        calls = []
+
+        def evaluate_batch(self, params, stacked_gates, batch_size=None):
+            HostUtility.calls.append(np.shape(stacked_gates["ffn"])[0])
+            return np.asarray(stacked_gates["ffn"])[:, 0] @ np.arange(1.0, 41.0)
+
+    weights = jnp.arange(1.0, 41.0)  # integer sums: exact in float32 and float64
+    traced = jp.bonsai(params, calib, target=0.1, n_samples=16, utility=lambda p, g: g["ffn"][0] @ weights,
+                       show_progress=False)
+    host = jp.bonsai(params, calib, target=0.1, n_samples=16, utility=HostUtility(), show_progress=False)
+    assert HostUtility.calls == [16] * len(host.history) and len(host.history) >= 1
+    assert traced.removed_fraction >= 0.1 and host.removed_fraction >= 0.1
+    for k in traced.gates:
+        np.testing.assert_array_equal(traced.gates[k], host.gates[k])

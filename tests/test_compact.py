@@ -163,16 +163,16 @@ def test_unequal_kv_groups_round_trip_and_compact_again(tmp_path):
     assert maxdiff(logits(smaller), logits(small, g2)) <= TOL
 
 
-def test_equal_widths_with_different_groupings_get_told_apart():
+def test_equal_widths_with_different_groupings_stay_exact():
     cfg = jp.LlamaConfig(vocab_size=50, hidden_size=48, intermediate_size=40, num_hidden_layers=3,
                          num_attention_heads=6, num_key_value_heads=2)
     params = init(cfg)
-    # 4 heads in 2 groups as (2, 2), (3, 1) and (1, 3) -> (3, 1): one key, two groupings
+    # 4 heads in 2 groups as (2, 2), (3, 1) and (1, 3) -> (3, 1): equal widths, two groupings
     heads = jnp.array([[1, 1, 0, 1, 1, 0], [1, 1, 1, 0, 0, 1], [0, 0, 1, 1, 1, 1]], jnp.float32)
     small = compact(params, {"heads": heads})
     shapes = [dict(d) for d in small.config.layer_shapes]
     assert shapes[0] == {"n_heads": 4, "n_kv": 2, "ffn_dim": 40}
-    assert shapes[1] == shapes[2] == {"n_heads": 4, "n_kv": 2, "ffn_dim": 41, "kv_groups": (3, 1)}
+    assert shapes[1] == shapes[2] == {"n_heads": 4, "n_kv": 2, "ffn_dim": 40, "kv_groups": (3, 1)}
     assert maxdiff(logits(small), logits(params, {"heads": heads})) <= TOL
 
 
@@ -269,10 +269,25 @@ def test_bad_gates_are_rejected_clearly():
 
 
 def test_inconsistent_kv_groups_in_a_config_are_rejected():
-    shapes = [{"n_heads": 4, "n_kv": 2, "ffn_dim": 8, "kv_groups": [3, 1]}, {"n_heads": 4, "n_kv": 2, "ffn_dim": 8}]
+    shapes = [{"n_heads": 4, "n_kv": 2, "ffn_dim": 8, "kv_groups": [3, 2]}, {"n_heads": 4, "n_kv": 2, "ffn_dim": 8}]
     d = {**LLAMA["gqa"].to_hf(), "jaxprune_layer_shapes": shapes}
-    with pytest.raises(jp.InvalidArgumentError, match="different kv_groups"):
-        jp.LlamaConfig.from_hf(d)
-    shapes[0]["kv_groups"] = [3, 2]
     with pytest.raises(jp.InvalidArgumentError, match="summing to n_heads=4"):
         jp.LlamaConfig.from_hf(d)
+
+
+def test_one_shot_pruning_runs_on_unequal_groups():
+    """The calibration driver passes each layer's K/V grouping: dense-mode Wanda masks equal the
+    masks from statistics gathered through the model's own forward (`input_stats`)."""
+    cfg = jp.LlamaConfig(vocab_size=50, hidden_size=48, intermediate_size=40, num_hidden_layers=2,
+                         num_attention_heads=6, num_key_value_heads=2)
+    params = init(cfg)
+    small = compact(params, {"heads": jnp.array([[1, 1, 0, 1, 1, 1], [1, 0, 0, 1, 1, 1]], jnp.float32)})
+    assert [dict(d).get("kv_groups") for d in small.config.layer_shapes] == [(3, 2), (3, 1)]
+    calib = jax.random.randint(jax.random.key(5), (2, 12), 0, 50)
+    dense_mode = jp.wanda(small, calib, 0.5, mode="dense", show_progress=False)
+    from_stats = jp.wanda(small, jp.input_stats(small, calib, "sumsq"), 0.5, show_progress=False)
+    for a, b in zip(jax.tree.leaves(dense_mode), jax.tree.leaves(from_stats)):
+        np.testing.assert_array_equal(a, b)
+    for mode in ("sequential", "as-you-go"):
+        pruned = jp.apply_masks(small, jp.wanda(small, calib, 0.5, mode=mode, show_progress=False))
+        assert np.isfinite(np.asarray(jp.forward(pruned, calib))).all()

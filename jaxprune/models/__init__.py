@@ -66,7 +66,12 @@ def embed(params: Params, tokens, gates=None):
 def layer(params: Params, i: int, x, ctx, gates=None):
     """Apply decoder layer `i` to hidden states x [B, T, D]."""
     cfg = params.config
-    return family(cfg).layer(cfg, params.tree["layers"][i], x, ctx, gates_lib.layer_gates(gates, i))
+    return family(cfg).layer(cfg, params.tree["layers"][i], x, ctx, gates_lib.layer_gates(gates, i), kv_groups(cfg, i))
+
+
+def kv_groups(config, i: int):
+    """Layer i's unequal K/V grouping (static: query heads per K/V head), or None."""
+    return config.kv_groups_of(i) if hasattr(config, "kv_groups_of") else None
 
 
 def unembed(params: Params, x, gates=None):

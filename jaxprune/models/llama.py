@@ -6,9 +6,9 @@ a plain loop over layers (`jaxprune.models.forward`), which lets layers differ i
 width after compaction and lets sequential calibration run one layer at a time.
 
 Unequal K/V groups (after compaction removed some query heads of a group): the
-layer's `kv_groups` (query heads per K/V head, from `config.layer_shapes`, looked up
-by the layer's widths) expands K/V to one per query head with a static repeat; layers
-with equal groups keep the grouped path that never repeats K/V.
+layer's `kv_groups` (query heads per K/V head, `config.layer_shapes[i]`, passed to
+`layer` as a static argument) expands K/V to one per query head with a static repeat;
+layers with equal groups keep the grouped path that never repeats K/V.
 """
 
 from __future__ import annotations
@@ -108,22 +108,15 @@ def _gate_update(update, g, name, hidden_gate):
 
 
 def layer_dims(config: LlamaConfig, lp: dict) -> dict:
-    """Widths of one layer read from its params (layers may differ after compaction).
-
-    Adds `kv_groups` when `config.layer_shapes` gives layers of these widths unequal groups.
-    """
+    """Widths of one layer read from its params (layers may differ after compaction)."""
     Dh = config.head_dim
     attn = lp.get("self_attn")
     mlp = lp.get("mlp")
-    dims = {
+    return {
         "n_heads": attn["q_proj"]["kernel"].shape[1] // Dh if attn else 0,
         "n_kv": attn["k_proj"]["kernel"].shape[1] // Dh if attn else 0,
         "ffn_dim": mlp["up_proj"]["kernel"].shape[1] if mlp else 0,
     }
-    groups = config.kv_groups_for(**dims) if attn else None
-    if groups is not None:
-        dims["kv_groups"] = groups
-    return dims
 
 
 def embed(config: LlamaConfig, tree: dict, tokens, gates: dict):
@@ -135,9 +128,9 @@ def embed(config: LlamaConfig, tree: dict, tokens, gates: dict):
     return x, (cos, sin)
 
 
-def layer(config: LlamaConfig, lp: dict, x, ctx, g: dict):
+def layer(config: LlamaConfig, lp: dict, x, ctx, g: dict, kv_groups: tuple | None = None):
     cos, sin = ctx
-    block = LlamaBlock(config, **layer_dims(config, lp))
+    block = LlamaBlock(config, **layer_dims(config, lp), kv_groups=kv_groups if lp.get("self_attn") else None)
     return block.apply({"params": lp}, x, cos, sin, g)
 
 

@@ -102,7 +102,7 @@ def embed(config: OPTConfig, tree: dict, tokens, gates: dict):
     return x, None
 
 
-def layer(config: OPTConfig, lp: dict, x, ctx, g: dict):
+def layer(config: OPTConfig, lp: dict, x, ctx, g: dict, kv_groups=None):  # OPT: one K/V head per query head
     return OPTBlock(config, **layer_dims(config, lp)).apply({"params": lp}, x, g)
 
 
