@@ -51,6 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .compact import param_count as non_embedding_params
+from .structured import _size
 from .errors import InvalidArgumentError
 from .models import hidden_states, unembed
 from .params import Params
@@ -63,10 +64,6 @@ SUBLAYER_KEYS = {
     "llama": {"attn": ("self_attn", "input_layernorm"), "mlp": ("mlp", "post_attention_layernorm")},
     "opt": {"attn": ("self_attn", "self_attn_layer_norm"), "mlp": ("fc1", "fc2", "final_layer_norm")},
 }
-
-
-def _size(tree) -> int:
-    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
 
 
 def sublayer_params(params: Params) -> dict[tuple[str, int], int]:
