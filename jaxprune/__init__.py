@@ -18,6 +18,9 @@ from .calibration import input_stats
 from .compact import compact
 from .bonsai import bonsai
 from .finercut import finercut
+from .l0 import l0_prune
+from .lora import lora_finetune, lora_merge
+from .training import keep_masked
 from .masks import apply_masks, summary as sparsity_summary
 from .models import forward, init
 from .owl import owl_sparsities
@@ -40,6 +43,10 @@ __all__ = [
     "finercut",
     "default_prunable",
     "input_stats",
+    "keep_masked",
+    "l0_prune",
+    "lora_finetune",
+    "lora_merge",
     "magnitude",
     "owl_sparsities",
     "sparsegpt",

@@ -40,7 +40,7 @@ import numpy as np
 
 from . import models
 from .calibration import capture
-from .compact import compact, param_count as non_embedding_params
+from .compact import EMBEDDING_KEYS, compact, param_count as non_embedding_params
 from .errors import InvalidArgumentError
 from .models import gates as gates_lib
 from .params import Params
@@ -187,3 +187,84 @@ def ones(config, kinds) -> dict:
     """All-ones float32 gates for `kinds` (everything kept)."""
     shapes = gate_shapes(config)
     return {k: jnp.ones(shapes[k], jnp.float32) for k in check_kinds(kinds)}
+
+
+# Axis roles of each weight for `expected_size`: which units its rows and columns belong to.
+_ROLES = {"q_proj": ("hidden", "heads"), "k_proj": ("hidden", "groups"), "v_proj": ("hidden", "groups"),
+          "o_proj": ("heads", "hidden"), "out_proj": ("heads", "hidden"),
+          "gate_proj": ("hidden", "ffn"), "up_proj": ("hidden", "ffn"), "fc1": ("hidden", "ffn"),
+          "down_proj": ("ffn", "hidden"), "fc2": ("ffn", "hidden"),
+          "project_in": ("fixed", "hidden"), "project_out": ("hidden", "fixed")}
+
+
+def _leaf_roles(names: tuple) -> tuple:
+    """Roles of a leaf's axes: kernels by their module, biases by its output, norms by hidden."""
+    if names[-1] == "kernel":
+        return _ROLES[names[-2]]
+    if names[-1] == "bias" and names[-2] in _ROLES:
+        return _ROLES[names[-2]][1:]
+    return ("hidden",)
+
+
+def _any(p, axis=-1):
+    """P(at least one unit kept) for independent units (exact for 0/1 values)."""
+    return 1.0 - jnp.prod(1.0 - p, axis=axis)
+
+
+def expected_size(params: Params, keep) -> jax.Array:
+    """Expected non-embedding parameters of the compacted model when each unit is kept independently
+    with probability ``keep[kind]`` (float arrays shaped like the gates; missing kinds are kept).
+
+    Differentiable and jit-able, and exact in expectation over independent Bernoulli gates. For 0/1
+    values it equals
+    ``param_count(compact(params, keep))`` exactly, following `jaxprune.compact`'s rules: a K/V group
+    goes with its last query head (GQA), a sublayer (with its norm and output bias) with its last
+    unit, and every weight shrinks with the kept hidden dims.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, jaxprune as jp
+        >>> cfg = jp.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+        ...                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+        >>> params = jp.init(cfg, jax.random.key(0))
+        >>> keep = {"ffn": jnp.ones((2, 64)).at[:, :32].set(0.0)}
+        >>> int(expected_size(params, keep)) == non_embedding_params(jp.compact(params, keep))
+        True
+        >>> float(expected_size(params, {"ffn": jnp.full((2, 64), 0.5)}))   # half the FFN, on average
+        12448.0
+    """
+    _check_uniform(params)
+    cfg = params.config
+    unknown = set(keep) - set(UNIT_KINDS)
+    if unknown:
+        raise InvalidArgumentError(f"unknown unit kinds {sorted(unknown)}; valid kinds are {list(UNIT_KINDS)}")
+    shapes = gate_shapes(cfg)
+    p = {k: jnp.asarray(keep[k], jnp.float32) if k in keep else jnp.ones(shapes[k], jnp.float32)
+         for k in UNIT_KINDS}
+    for k, v in p.items():
+        if v.shape != shapes[k]:
+            raise InvalidArgumentError(f"keep[{k!r}] has shape {list(v.shape)}; this model needs {list(shapes[k])}")
+    L, H, Dh = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.head_dim
+    kv = shapes["kv_heads"][1]
+    group_kept = p["kv_heads"] * _any(p["heads"].reshape(L, kv, H // kv))      # a group and one of its heads
+    q = p["heads"] * jnp.repeat(p["kv_heads"], H // kv, axis=1)                 # query heads [L, H]
+    count = {"hidden": p["hidden"].sum(), "heads": q.sum(1) * Dh,
+             "groups": group_kept.sum(1) * Dh, "ffn": p["ffn"].sum(1)}
+    present = {"attn": p["layer"] * p["attn"], "mlp": p["layer"] * p["mlp"]}
+    any_unit = {"attn": _any(group_kept), "mlp": _any(p["ffn"])}
+    attn_keys = _LAYOUT[cfg.arch][0]
+    total = jnp.zeros((), jnp.float32)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params.tree["layers"][0])[0]:
+        names = tuple(getattr(k, "key", getattr(k, "idx", None)) for k in path)
+        roles = _leaf_roles(names)
+        sub = "attn" if names[0] in attn_keys else "mlp"
+        size = jnp.prod(jnp.stack([count[r] * jnp.ones(L) for r in roles]), axis=0)
+        gate = present[sub] * (any_unit[sub] if set(roles) == {"hidden"} else 1.0)
+        total = total + jnp.sum(gate * size)
+    for key, node in params.tree.items():
+        if key in ("layers",) + EMBEDDING_KEYS:
+            continue
+        for path, leaf in jax.tree_util.tree_flatten_with_path(node)[0]:
+            names = (key,) + tuple(getattr(k, "key", None) for k in path)
+            sizes = [count["hidden"] if r == "hidden" else float(n) for r, n in zip(_leaf_roles(names), leaf.shape)]
+            total = total + jnp.prod(jnp.stack(sizes))
+    return total
