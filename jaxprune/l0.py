@@ -69,7 +69,7 @@ class L0Result(NamedTuple):
     log_alphas: dict
     lambdas: dict
     removed_fraction: float  # of non-embedding parameters, by the final gates
-    history: list           # per logged step: step, loss, lm, expected sizes, targets, lambdas
+    history: list           # per logged step: step, loss, data (LM or KL), expected sizes, targets, lambdas
 
 
 def init_log_alphas(config, kinds=DEFAULT_KINDS, init: float = 3.0, key=None, noise: float = 0.01) -> dict:
@@ -262,8 +262,9 @@ def final_gates(params: Params, log_alphas: dict, target: float | None = None, t
     """Deterministic 0/1 gates from learned log-alphas that hit the target exactly.
 
     A size target keeps every unit whose log-alpha is at least one global threshold, the lowest
-    threshold whose compacted model has at most ``(1 - target)`` of the non-embedding parameters
-    (so removing one more unit would be needed to reach it, never fewer). A target architecture
+    threshold whose compacted model has at most ``(1 - target)`` of the non-embedding parameters,
+    then spends what is left of that budget on the best removed FFN channels of the MLPs that stay,
+    so the model is at most the target size and within one FFN channel of it. A target architecture
     keeps the top layers, then in each layer the top heads / K/V heads / FFN channels, and the top
     hidden dims, by log-alpha: exactly its widths."""
     la = {k: np.asarray(v, np.float32) for k, v in log_alphas.items()}
@@ -293,7 +294,32 @@ def final_gates(params: Params, log_alphas: dict, target: float | None = None, t
             lo = mid + 1
     if lo == len(thresholds):
         raise InvalidArgumentError(f"no gate setting of kinds {sorted(la)} reaches target {target}")
-    return {k: jnp.asarray(v) for k, v in gates_at(lo).items()}
+    g = gates_at(lo)
+    if "ffn" in g:
+        _fill_ffn(params, g, la["ffn"], budget)
+    return {k: jnp.asarray(v) for k, v in g.items()}
+
+
+def _fill_ffn(params: Params, g: dict, la_ffn: np.ndarray, budget: float) -> None:
+    """Use the budget left under the threshold: give back the best removed FFN channels of MLPs
+    that stay (each costs the same there), so the size lands within one channel of the target."""
+    size = lambda: float(expected_size(params, g))
+    live = g["ffn"].any(axis=1)
+    if "layer" in g:
+        live &= g["layer"] > 0
+    if "mlp" in g:
+        live &= g["mlp"] > 0
+    cand = np.argwhere((g["ffn"] == 0) & live[:, None])
+    if not len(cand):
+        return
+    before = size()
+    l, j = cand[0]
+    g["ffn"][l, j] = 1.0
+    cost = size() - before
+    g["ffn"][l, j] = 0.0
+    n = int((budget - before) // cost) if cost > 0 else 0
+    order = np.argsort(-la_ffn[cand[:, 0], cand[:, 1]], kind="stable")[:n]
+    g["ffn"][cand[order, 0], cand[order, 1]] = 1.0
 
 
 def l0_prune(params: Params, calib, target: float | None = None, *, target_config=None,
