@@ -34,11 +34,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from .calibration import plain_path
+from .compact import _get
 from .errors import InvalidArgumentError
 from .params import Params
 from .progress import progress
-from .pruning import default_prunable
+from .pruning import _kernel_paths, default_prunable
 from .training import lm_loss, random_batch
 
 __all__ = ["LoRAResult", "lora_finetune", "lora_init", "lora_merge"]
@@ -50,11 +50,8 @@ class LoRAResult(NamedTuple):
 
 
 def _kernels(params: Params, targets) -> dict:
-    out = {}
-    for kp, leaf in jax.tree_util.tree_flatten_with_path(params.tree)[0]:
-        path = plain_path(kp)
-        if path[-1] == "kernel" and np.ndim(leaf) == 2 and targets(path):
-            out["/".join(map(str, path[:-1]))] = leaf
+    out = {"/".join(map(str, path[:-1])): _get(params.tree, path)
+           for path in _kernel_paths(params, targets) if path[-1] == "kernel"}
     if not out:
         raise InvalidArgumentError("no kernel matches the LoRA targets")
     return out
