@@ -25,6 +25,7 @@ from typing import Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from . import models
 from .errors import InvalidArgumentError
@@ -109,9 +110,110 @@ def prune_layer(lp: dict, stats: dict, count, prune_dense: Callable, sparsity: f
     return lp, masks
 
 
+class LayerPruner:
+    """The jitted passes of sequential one-shot pruning for one decoder layer at a time.
+
+    Calibration activations are a list of chunks [b, T, D] (one per forward batch), so
+    each chunk can carry its own sharding (rows over a mesh's ``"data"`` axis) and
+    statistics of all chunks add up. `step` prunes one layer and returns the next
+    layer's input; `run_layerwise` (in memory) and `jaxprune.streaming` (one layer
+    from disk at a time) both drive it. With `donate=True` each kernel's buffer is
+    reused for its pruned version (for layers the caller owns, as in streaming).
+    """
+
+    def __init__(self, config, kind: str | None, prune_dense: Callable, mode: str = "sequential",
+                 donate: bool = False):
+        if mode not in MODES:
+            raise InvalidArgumentError(f"mode must be one of {MODES}, got {mode!r}")
+        self.config, self.kind, self.prune_dense, self.mode = config, kind, prune_dense, mode
+        fam = models.family(config)
+        cfg = config
+        # kg: the layer's unequal K/V grouping (static; None for every layer of an uncompacted model)
+        self._run = jax.jit(lambda lp, x, c, kg: fam.layer(cfg, lp, x, c, {}, kg), static_argnums=3)
+        # In dense mode the statistics pass also yields the next input; otherwise only the
+        # statistics are returned and XLA drops work that only feeds the layer output (the
+        # down projection), so the reference's first pass costs less than a full forward.
+        self._stats_and_output = jax.jit(
+            lambda lp, x, c, kg: capture(lambda: fam.layer(cfg, lp, x, c, {}, kg), kind), static_argnums=3)
+        self._stats_only = jax.jit(
+            lambda lp, x, c, kg: capture(lambda: fam.layer(cfg, lp, x, c, {}, kg), kind)[1], static_argnums=3)
+        self._prune_one = jax.jit(lambda dense, st, cnt, sparsity, path: prune_dense(path, dense, st, cnt, sparsity),
+                                  static_argnums=(3, 4), donate_argnums=(0,) if donate else ())
+
+        def one_pass(lp, X, ctx, sparsity, target, kg):
+            new_lp, masks = lp, {}
+
+            def on_dense(path, module, x, call):
+                nonlocal new_lp
+                if path not in target:
+                    return call()
+                st = input_stat(kind, x) if kind else None
+                new, masks[path] = prune_dense(path, get_path(lp, path), st, x.size // x.shape[-1], sparsity)
+                new_lp = set_path(new_lp, path, new)
+                y = jnp.dot(x, new["kernel"].astype(x.dtype))
+                return y + new["bias"].astype(y.dtype) if "bias" in new else y
+
+            with nn.intercept_methods(_dense_interceptor(on_dense)):
+                Y = fam.layer(cfg, lp, X, ctx, {}, kg)
+            return new_lp, masks, Y
+
+        self._as_you_go = jax.jit(one_pass, static_argnums=(3, 4, 5))
+
+    def run(self, lp, X: list, ctx, kg) -> list:
+        """The layer applied to every chunk."""
+        return [self._run(lp, x, ctx, kg) for x in X]
+
+    def stats(self, lp, X: list, ctx, kg, with_output: bool = False):
+        """(outputs or None, {module path: statistic summed over all chunks})."""
+        outs, total = [], None
+        for x in X:
+            if with_output:
+                y, st = self._stats_and_output(lp, x, ctx, kg)
+                outs.append(y)
+            else:
+                st = self._stats_only(lp, x, ctx, kg)
+            total = st if total is None else jax.tree.map(jnp.add, total, st)
+        return (outs if with_output else None), total
+
+    def prune(self, lp, stats: dict, count, sparsity: float):
+        """Prune the linear layers named by `stats`, one matrix per call (peak memory: one matrix's
+        temporaries). Returns (new lp, {module path: keep mask})."""
+        masks = {}
+        for path in sorted(stats):
+            new, masks[path] = self._prune_one(get_path(lp, path), stats[path], count, float(sparsity), path)
+            lp = set_path(lp, path, new)
+        return lp, masks
+
+    def step(self, lp, X: list, ctx, kg, sparsity: float, target: frozenset, count):
+        """Prune one layer from its input chunks X; returns (new lp, masks, next layer's input chunks)."""
+        if not target:
+            return lp, {}, self.run(lp, X, ctx, kg)
+        if self.mode == "as-you-go":
+            sizes = [x.shape[0] for x in X]
+            new_lp, masks, Y = self._as_you_go(lp, jnp.concatenate(X), ctx, float(sparsity), target, kg)
+            return new_lp, masks, list(jnp.split(Y, np.cumsum(sizes)[:-1]))
+        Y, stats = self.stats(lp, X, ctx, kg, with_output=(self.mode == "dense"))
+        new_lp, masks = self.prune(lp, {p: v for p, v in stats.items() if p in target}, count, sparsity)
+        return new_lp, masks, (self.run(new_lp, X, ctx, kg) if self.mode == "sequential" else Y)
+
+
+def embed_chunks(params: Params, tokens, batch_size: int, place=None):
+    """(list of embedded chunks [b, T, D], context) for tokens [n, T] in chunks of `batch_size`;
+    `place(chunk)` puts each token chunk on devices first (e.g. rows over a mesh)."""
+    n = tokens.shape[0]
+    bs = max(1, min(batch_size, n))
+    embed = jax.jit(lambda p, t: models.embed(p, t))
+    xs, ctx = [], None
+    for s in range(0, n, bs):
+        chunk = tokens[s:s + bs]
+        x, ctx = embed(params, place(chunk) if place else chunk)
+        xs.append(x)
+    return xs, ctx
+
+
 def run_layerwise(params: Params, tokens, kind: str | None, prune_dense: Callable, sparsities, targets,
                   mode: str = "sequential", batch_size: int = 8, show_progress=None,
-                  description: str = "pruning"):
+                  description: str = "pruning", place=None):
     """Drive one-shot pruning layer by layer.
 
     `prune_dense(path, dense, stat, count, sparsity) -> (new dense params, keep mask) | None`
@@ -125,85 +227,20 @@ def run_layerwise(params: Params, tokens, kind: str | None, prune_dense: Callabl
       pruned the moment its input arrives, so later sublayers see earlier ones already pruned;
     * ``dense``: statistics of the unpruned model (the next input is the dense layer's output).
 
+    `place(token_chunk)` places each calibration chunk (data parallelism: rows over a mesh's
+    ``"data"`` axis; the jitted passes then reduce statistics across devices).
+
     Returns (new layer param list, list of {module path: keep mask}).
     """
-    if mode not in MODES:
-        raise InvalidArgumentError(f"mode must be one of {MODES}, got {mode!r}")
-    cfg = params.config
-    fam = models.family(cfg)
-    tokens = jnp.asarray(tokens)
-    n = tokens.shape[0]
-    bs = max(1, min(batch_size, n))
-
-    embed = jax.jit(lambda p, t: models.embed(p, t))
-    xs, ctx = [], None
-    for s in range(0, n, bs):
-        x, ctx = embed(params, tokens[s:s + bs])
-        xs.append(x)
-    X = jnp.concatenate(xs)
-
-    # kg: the layer's unequal K/V grouping (static; None for every layer of an uncompacted model)
-    run = jax.jit(lambda lp, x, c, kg: fam.layer(cfg, lp, x, c, {}, kg), static_argnums=3)
-    # In dense mode the statistics pass also yields the next input; otherwise only the
-    # statistics are returned and XLA drops work that only feeds the layer output (the
-    # down projection), so the reference's first pass costs less than a full forward.
-    stats_and_output = jax.jit(lambda lp, x, c, kg: capture(lambda: fam.layer(cfg, lp, x, c, {}, kg), kind),
-                               static_argnums=3)
-    stats_only = jax.jit(lambda lp, x, c, kg: capture(lambda: fam.layer(cfg, lp, x, c, {}, kg), kind)[1],
-                         static_argnums=3)
-    prune = jax.jit(lambda lp, st, cnt, sparsity: prune_layer(lp, st, cnt, prune_dense, sparsity),
-                    static_argnums=3)
-
-    def one_pass(lp, X, ctx, sparsity, target, kg):
-        new_lp, masks = lp, {}
-
-        def on_dense(path, module, x, call):
-            nonlocal new_lp
-            if path not in target:
-                return call()
-            st = input_stat(kind, x) if kind else None
-            new, masks[path] = prune_dense(path, get_path(lp, path), st, x.size // x.shape[-1], sparsity)
-            new_lp = set_path(new_lp, path, new)
-            y = jnp.dot(x, new["kernel"].astype(x.dtype))
-            return y + new["bias"].astype(y.dtype) if "bias" in new else y
-
-        with nn.intercept_methods(_dense_interceptor(on_dense)):
-            Y = fam.layer(cfg, lp, X, ctx, {}, kg)
-        return new_lp, masks, Y
-
-    as_you_go = jax.jit(one_pass, static_argnums=(3, 4, 5))
-
-    def run_all(lp, X, kg):
-        return jnp.concatenate([run(lp, X[s:s + bs], ctx, kg) for s in range(0, n, bs)])
-
-    def stats_all(lp, X, kg, with_output: bool):
-        outs, total = [], None
-        for s in range(0, n, bs):
-            if with_output:
-                y, st = stats_and_output(lp, X[s:s + bs], ctx, kg)
-                outs.append(y)
-            else:
-                st = stats_only(lp, X[s:s + bs], ctx, kg)
-            total = st if total is None else jax.tree.map(jnp.add, total, st)
-        return (jnp.concatenate(outs) if outs else None), total
-
+    pruner = LayerPruner(params.config, kind, prune_dense, mode)
+    tokens = tokens if isinstance(tokens, jax.Array) else jnp.asarray(tokens)
+    X, ctx = embed_chunks(params, tokens, batch_size, place)
     new_layers, layer_masks = [], []
     count = jnp.asarray(float(tokens.size), jnp.float32)
     layers = params.tree["layers"]
     for i in progress(range(len(layers)), description, total=len(layers), enabled=show_progress):
-        lp, sparsity, target = layers[i], float(sparsities[i]), frozenset(targets[i])
-        kg = models.kv_groups(cfg, i)
-        if not target:
-            X = run_all(lp, X, kg)
-            new_layers.append(lp)
-            layer_masks.append({})
-            continue
-        if mode == "as-you-go":
-            new_lp, masks, X = as_you_go(lp, X, ctx, sparsity, target, kg)
-        else:
-            Y, stats = stats_all(lp, X, kg, with_output=(mode == "dense"))
-            new_lp, masks = prune(lp, {p: v for p, v in stats.items() if p in target}, count, sparsity)
-            X = run_all(new_lp, X, kg) if mode == "sequential" else Y
+        new_lp, masks, X = pruner.step(layers[i], X, ctx, models.kv_groups(params.config, i),
+                                       float(sparsities[i]), frozenset(targets[i]), count)
         new_layers.append(new_lp)
         layer_masks.append(masks)
     return new_layers, layer_masks

@@ -74,24 +74,47 @@ def _validate(params, sparsity, pattern, scope, prunable):
         if nm and k.shape[0] % nm[1]:
             raise InvalidArgumentError(f"N:M pattern {nm[0]}:{nm[1]}: M={nm[1]} does not divide the input size "
                                        f"{k.shape[0]} of {path_key(path)}")
-        if not bool(jnp.isfinite(k).all()):
+        finite = jnp.isfinite(k).all()
+        if not isinstance(finite, jax.core.Tracer) and not bool(finite):  # unchecked inside a user's trace
             raise InvalidArgumentError(f"{path_key(path)} holds NaN or Inf weights")
     return sparsity, nm, prunable, paths
 
 
 def _validate_tokens(params: Params, calib):
-    t = np.asarray(calib)
+    if isinstance(calib, jax.Array) and not calib.is_fully_addressable:
+        t = jax.ShapeDtypeStruct(calib.shape, calib.dtype)   # a multi-process batch: check its shape only
+    else:
+        t = np.asarray(calib)
     if t.ndim != 2 or t.shape[0] == 0 or t.shape[1] < 2:
         raise DataError(f"calibration tokens must be an int array [n >= 1, seqlen >= 2], got shape {t.shape}")
     if not np.issubdtype(t.dtype, np.integer):
         raise DataError(f"calibration tokens must be integer ids, got {t.dtype}")
     V = params.config.vocab_size
+    if isinstance(t, jax.ShapeDtypeStruct):
+        return calib
     if t.min() < 0 or t.max() >= V:
         raise DataError(f"calibration token ids must lie in [0, {V}), got [{t.min()}, {t.max()}]")
     if t.shape[1] > params.config.max_position_embeddings:
         raise DataError(f"calibration seqlen {t.shape[1]} exceeds the model's context "
                         f"({params.config.max_position_embeddings})")
     return jnp.asarray(t, jnp.int32)
+
+
+def _placement(params: Params, mesh, batch_size: int):
+    """(params on the mesh, chunk placement, batch size) for data-parallel calibration.
+
+    The mesh is `mesh` or the one `params` are already sharded over; without either,
+    nothing is placed. Params not yet on the mesh get the tensor-parallel rules."""
+    from . import distributed
+    mesh = mesh or distributed.mesh_of(params)
+    if mesh is None:
+        return params, None, batch_size
+    if distributed.DATA not in mesh.shape:
+        raise InvalidArgumentError(f"the mesh needs a '{distributed.DATA}' axis, got axes {tuple(mesh.shape)}")
+    if distributed.mesh_of(params) is None:
+        params = distributed.shard_params(params, mesh)
+    d = mesh.shape[distributed.DATA]
+    return params, (lambda t: distributed.shard_batch(t, mesh)), -(-batch_size // d) * d
 
 
 def _layer_sparsities(params: Params, sparsity: float, per_layer) -> list[float]:
@@ -118,6 +141,11 @@ def _assemble(params: Params, layer_masks, new_layers=None):
     if new_layers is None:
         return out_masks
     return params.replace({**params.tree, "layers": list(new_layers)}), out_masks
+
+
+def _like(tree, params):
+    from .distributed import like
+    return like(tree, params)
 
 
 def _wanda_dense(nm, scope):
@@ -154,7 +182,7 @@ def _check_layer_only(paths, method):
 
 
 def magnitude(params: Params, sparsity: float = 0.5, pattern=None, scope: str = "layer",
-              prunable: Callable | None = None):
+              prunable: Callable | None = None, mesh=None):
     """Masks keeping the largest |W| (Han et al. 2015).
 
     Args:
@@ -165,9 +193,11 @@ def magnitude(params: Params, sparsity: float = 0.5, pattern=None, scope: str = 
         (each output), 'global' (all prunable weights together).
       prunable: predicate over plain paths; default `default_prunable` (for your own Flax
         params: every leaf named `kernel`).
+      mesh: a ``("data", "model")`` mesh (`jaxprune.distributed.make_mesh`) to place params
+        on (tensor-parallel rules) when they are not sharded yet.
 
     Returns:
-      a mask pytree shaped like `params` (True = keep).
+      a mask pytree shaped like `params` (True = keep), sharded like sharded params.
 
     Example:
         >>> masks = jp.magnitude(params, sparsity=0.5)                 # doctest: +SKIP
@@ -175,6 +205,7 @@ def magnitude(params: Params, sparsity: float = 0.5, pattern=None, scope: str = 
     if _is_user_params(params):
         return _user(params, None, "magnitude", sparsity, pattern, scope, None, prunable)
     sparsity, nm, prunable, paths = _validate(params, sparsity, pattern, scope, prunable)
+    params, _, _ = _placement(params, mesh, 1)
     kernels = {path: get_path(params.tree, path) for path in paths}
     if scope == "global" and nm is None:
         keep = global_masks({path_key(p): criteria.magnitude(k) for p, k in kernels.items()}, sparsity)
@@ -183,12 +214,12 @@ def magnitude(params: Params, sparsity: float = 0.5, pattern=None, scope: str = 
         sel = jax.jit(lambda k, n: select_count(criteria.magnitude(k), n, nm, scope), static_argnums=1)
         chosen = {p: sel(k, n_pruned(group_size(k.shape, scope), sparsity)) for p, k in kernels.items()}
     masks = full_masks(params)
-    return jax.tree_util.tree_map_with_path(lambda kp, m: chosen.get(plain_path(kp), m), masks)
+    return _like(jax.tree_util.tree_map_with_path(lambda kp, m: chosen.get(plain_path(kp), m), masks), params)
 
 
 def wanda(params: Params, calib, sparsity: float = 0.5, pattern=None, scope: str = "row",
           mode: str = "sequential", per_layer_sparsity: Sequence[float] | None = None,
-          prunable: Callable | None = None, batch_size: int = 8, show_progress=None, apply_fn=None):
+          prunable: Callable | None = None, batch_size: int = 8, show_progress=None, apply_fn=None, mesh=None):
     """Wanda (Sun et al. 2024, "A Simple and Effective Pruning Approach for LLMs").
 
     Score |W_ij| * ||X_i||_2 (input-feature norms over calibration tokens), compared within each
@@ -209,9 +240,13 @@ def wanda(params: Params, calib, sparsity: float = 0.5, pattern=None, scope: str
       apply_fn: for your own Flax model (`params` a linen dict or `nnx.State`):
         `apply_fn(params, batch)` runs it; `calib` is then a batch of its inputs or a list of
         batches, and statistics come from one pass of the unpruned model.
+      mesh: data-parallel calibration over a ``("data", "model")`` mesh
+        (`jaxprune.distributed.make_mesh`): each calibration batch is split over ``"data"``,
+        params not yet sharded are placed tensor-parallel over ``"model"``, and the sharded
+        jit sums statistics across devices. Params already sharded over a mesh use that mesh.
 
     Returns:
-      a mask pytree shaped like `params` (True = keep).
+      a mask pytree shaped like `params` (True = keep), sharded like sharded params.
 
     Example:
         >>> masks = jp.wanda(params, calib, sparsity=0.5, pattern="2:4")   # doctest: +SKIP
@@ -227,14 +262,17 @@ def wanda(params: Params, calib, sparsity: float = 0.5, pattern=None, scope: str
     if isinstance(calib, dict):
         return _assemble(params, _from_stats(params, calib, paths, prune_dense, sparsities, "sumsq"))
     tokens = _validate_tokens(params, calib)
+    params, place, batch_size = _placement(params, mesh, batch_size)
     _, layer_masks = run_layerwise(params, tokens, "sumsq", prune_dense, sparsities, _targets(params, paths), mode=mode,
-                                   batch_size=batch_size, show_progress=show_progress, description="wanda")
-    return _assemble(params, layer_masks)
+                                   batch_size=batch_size, show_progress=show_progress, description="wanda",
+                                   place=place)
+    return _like(_assemble(params, layer_masks), params)
 
 
 def sparsegpt(params: Params, calib, sparsity: float = 0.5, pattern=None, mode: str = "sequential",
               per_layer_sparsity: Sequence[float] | None = None, blocksize: int = 128, percdamp: float = 0.01,
-              prunable: Callable | None = None, batch_size: int = 8, show_progress=None, apply_fn=None):
+              prunable: Callable | None = None, batch_size: int = 8, show_progress=None, apply_fn=None,
+              mesh=None):
     """SparseGPT (Frantar & Alistarh 2023): OBS pruning with weight updates, layer by layer.
 
     Args are as for `wanda`; statistics are Hessians (`input_stats(..., "hessian")`).
@@ -262,11 +300,13 @@ def sparsegpt(params: Params, calib, sparsity: float = 0.5, pattern=None, mode: 
         layers, layer_masks = _from_stats(params, calib, paths, prune_dense, sparsities, "hessian", updates=True)
         return _assemble(params, layer_masks, layers)
     tokens = _validate_tokens(params, calib)
+    params, place, batch_size = _placement(params, mesh, batch_size)
     new_layers, layer_masks = run_layerwise(params, tokens, "hessian", prune_dense, sparsities,
                                             _targets(params, paths), mode=mode,
                                             batch_size=batch_size, show_progress=show_progress,
-                                            description="sparsegpt")
-    return _assemble(params, layer_masks, new_layers)
+                                            description="sparsegpt", place=place)
+    new_params, masks = _assemble(params, layer_masks, new_layers)
+    return _like(new_params, params), _like(masks, params)
 
 
 def _from_stats(params, stats, paths, prune_dense, sparsities, kind, updates=False):

@@ -47,3 +47,9 @@ def smollm2():
         return jp.load("smollm2-135m"), jp.tokenizer("smollm2-135m")
     except jp.CheckpointError as e:
         pytest.skip(f"SmolLM2 weights not installed: {e}")
+
+
+# tests/multidevice needs several devices; tests/test_distributed.py runs it in a subprocess with
+# XLA_FLAGS=--xla_force_host_platform_device_count=8 (the flag must be set before jax starts).
+# tests/workers holds scripts that tests run as subprocesses.
+collect_ignore = ["workers"] + ([] if "device_count" in os.environ.get("XLA_FLAGS", "") else ["multidevice"])
