@@ -20,6 +20,7 @@ Example (statistics of every linear layer of a model, in one jitted forward):
 
 from __future__ import annotations
 
+import gc
 from typing import Callable
 
 import flax.linen as nn
@@ -65,6 +66,25 @@ def _dense_interceptor(on_dense):
             return on_dense(tuple(m.path), m, args[0], lambda: next_fun(*args, **kwargs))
         return next_fun(*args, **kwargs)
     return interceptor
+
+
+def blocked_matmuls(fn: Callable, max_block_bytes: int = 1 << 25):
+    """Run `fn()` (op by op, not under jit) with every `nn.Dense` computed in blocks of output
+    columns, each block's weights converted to the activations' dtype on its own: a bfloat16
+    matrix is never upcast whole (XLA on CPU computes bfloat16 matmuls in float32)."""
+    def on_dense(path, module, x, call):
+        p = module.variables["params"]
+        kernel = p["kernel"]
+        per_col = kernel.shape[0] * jnp.dtype(x.dtype).itemsize
+        bs = max(1, max_block_bytes // per_col)
+        if bs >= kernel.shape[1]:
+            return call()
+        y = jnp.concatenate([jnp.dot(x, kernel[:, s:s + bs].astype(x.dtype))
+                             for s in range(0, kernel.shape[1], bs)], axis=-1)
+        return y + p["bias"].astype(y.dtype) if "bias" in p else y
+
+    with nn.intercept_methods(_dense_interceptor(on_dense)):
+        return fn()
 
 
 def capture(fn: Callable, kind: str, paths=None):
@@ -118,25 +138,31 @@ class LayerPruner:
     statistics of all chunks add up. `step` prunes one layer and returns the next
     layer's input; `run_layerwise` (in memory) and `jaxprune.streaming` (one layer
     from disk at a time) both drive it. With `donate=True` each kernel's buffer is
-    reused for its pruned version (for layers the caller owns, as in streaming).
+    reused for its pruned version (for layers the caller owns, as in streaming). With
+    `jit_passes=False` the layer's forward passes run op by op (each matmul its own compiled
+    call), so at most one weight matrix's temporaries exist at a time: on CPU, XLA upcasts
+    bfloat16 matmuls to float32 and a whole-layer program would hold every upcast weight at once.
     """
 
     def __init__(self, config, kind: str | None, prune_dense: Callable, mode: str = "sequential",
-                 donate: bool = False):
+                 donate: bool = False, jit_passes: bool = True):
         if mode not in MODES:
             raise InvalidArgumentError(f"mode must be one of {MODES}, got {mode!r}")
         self.config, self.kind, self.prune_dense, self.mode = config, kind, prune_dense, mode
+        self.donate, self.jit_passes = donate, jit_passes
         fam = models.family(config)
         cfg = config
+        if jit_passes:
+            jit = lambda f: jax.jit(f, static_argnums=3)  # noqa: E731
+        else:
+            jit = lambda f: lambda *a: blocked_matmuls(lambda: f(*a))  # noqa: E731
         # kg: the layer's unequal K/V grouping (static; None for every layer of an uncompacted model)
-        self._run = jax.jit(lambda lp, x, c, kg: fam.layer(cfg, lp, x, c, {}, kg), static_argnums=3)
+        self._run = jit(lambda lp, x, c, kg: fam.layer(cfg, lp, x, c, {}, kg))
         # In dense mode the statistics pass also yields the next input; otherwise only the
         # statistics are returned and XLA drops work that only feeds the layer output (the
         # down projection), so the reference's first pass costs less than a full forward.
-        self._stats_and_output = jax.jit(
-            lambda lp, x, c, kg: capture(lambda: fam.layer(cfg, lp, x, c, {}, kg), kind), static_argnums=3)
-        self._stats_only = jax.jit(
-            lambda lp, x, c, kg: capture(lambda: fam.layer(cfg, lp, x, c, {}, kg), kind)[1], static_argnums=3)
+        self._stats_and_output = jit(lambda lp, x, c, kg: capture(lambda: fam.layer(cfg, lp, x, c, {}, kg), kind))
+        self._stats_only = jit(lambda lp, x, c, kg: capture(lambda: fam.layer(cfg, lp, x, c, {}, kg), kind)[1])
         self._prune_one = jax.jit(lambda dense, st, cnt, sparsity, path: prune_dense(path, dense, st, cnt, sparsity),
                                   static_argnums=(3, 4), donate_argnums=(0,) if donate else ())
 
@@ -161,7 +187,11 @@ class LayerPruner:
 
     def run(self, lp, X: list, ctx, kg) -> list:
         """The layer applied to every chunk."""
-        return [self._run(lp, x, ctx, kg) for x in X]
+        out = []
+        for x in X:
+            out.append(self._run(lp, x, ctx, kg))
+            self._collect()
+        return out
 
     def stats(self, lp, X: list, ctx, kg, with_output: bool = False):
         """(outputs or None, {module path: statistic summed over all chunks})."""
@@ -173,19 +203,37 @@ class LayerPruner:
             else:
                 st = self._stats_only(lp, x, ctx, kg)
             total = st if total is None else jax.tree.map(jnp.add, total, st)
+            self._collect()
         return (outs if with_output else None), total
 
-    def prune(self, lp, stats: dict, count, sparsity: float):
+    def prune(self, lp, stats: dict, count, sparsity: float, take_mask=None):
         """Prune the linear layers named by `stats`, one matrix per call (peak memory: one matrix's
-        temporaries). Returns (new lp, {module path: keep mask})."""
+        temporaries). Returns (new lp, {module path: keep mask}); with `take_mask(path, keep)` each
+        mask is handed over as soon as it exists and not kept."""
         masks = {}
         for path in sorted(stats):
-            new, masks[path] = self._prune_one(get_path(lp, path), stats[path], count, float(sparsity), path)
+            new, keep = self._prune_one(get_path(lp, path), stats[path], count, float(sparsity), path)
+            if take_mask is None:
+                masks[path] = keep
+            else:
+                take_mask(path, keep)
+            del keep
             lp = set_path(lp, path, new)
+            self._collect()
         return lp, masks
 
-    def step(self, lp, X: list, ctx, kg, sparsity: float, target: frozenset, count):
-        """Prune one layer from its input chunks X; returns (new lp, masks, next layer's input chunks)."""
+    def _collect(self):
+        """In the low-memory configuration, return finished calls' temporaries now: on CPU they are
+        released only when Python's cycle collector runs."""
+        if self.donate or not self.jit_passes:
+            gc.collect()
+
+    def step(self, lp, X: list, ctx, kg, sparsity: float, target: frozenset, count, take_mask=None):
+        """Prune one layer from its input chunks X; returns (new lp, masks, next layer's input chunks).
+
+        `take_mask(path, keep)`, if given, receives each mask as soon as it exists and step returns
+        {} for them, so the caller can store them compactly and free them (sequential and dense
+        modes)."""
         if not target:
             return lp, {}, self.run(lp, X, ctx, kg)
         if self.mode == "as-you-go":
@@ -193,7 +241,9 @@ class LayerPruner:
             new_lp, masks, Y = self._as_you_go(lp, jnp.concatenate(X), ctx, float(sparsity), target, kg)
             return new_lp, masks, list(jnp.split(Y, np.cumsum(sizes)[:-1]))
         Y, stats = self.stats(lp, X, ctx, kg, with_output=(self.mode == "dense"))
-        new_lp, masks = self.prune(lp, {p: v for p, v in stats.items() if p in target}, count, sparsity)
+        new_lp, masks = self.prune(lp, {p: v for p, v in stats.items() if p in target}, count, sparsity, take_mask)
+        del lp, stats
+        self._collect()
         return new_lp, masks, (self.run(new_lp, X, ctx, kg) if self.mode == "sequential" else Y)
 
 

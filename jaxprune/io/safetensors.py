@@ -75,3 +75,54 @@ def open_safetensors(path: str) -> dict[str, np.ndarray]:
                                   f"section but only {data_len} bytes are present")
         out[name] = mm[begin:end].view(dtype).reshape(shape) if need else np.zeros(shape, dtype)
     return out
+
+
+def tensor_locations(path: str) -> dict[str, tuple[np.dtype, tuple, int]]:
+    """name -> (dtype, shape, absolute byte offset) of every tensor in a safetensors file (validated
+    like `open_safetensors`), for reading one tensor at a time with `read_tensor`."""
+    header, start = read_header(path)
+    sizes = open_safetensors(path)   # validates offsets against the file; maps without reading
+    return {name: (sizes[name].dtype, sizes[name].shape, start + int(header[name]["data_offsets"][0]))
+            for name in header}
+
+
+def read_tensor(path: str, location: tuple[np.dtype, tuple, int], transpose: bool = False) -> np.ndarray:
+    """One tensor copied into ordinary memory through a map of just its bytes, dropped afterwards, so
+    the file's pages do not stay resident in this process."""
+    dtype, shape, offset = location
+    if not int(np.prod(shape, dtype=np.int64)):
+        return np.zeros(shape[::-1] if transpose else shape, dtype)
+    mm = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
+    out = np.ascontiguousarray(mm.T if transpose else mm)
+    del mm
+    return out
+
+
+_CODES = {np.dtype(v): k for k, v in DTYPES.items()}
+
+
+def write_safetensors(path: str, specs: dict[str, tuple[np.dtype, tuple]], produce, metadata=None) -> None:
+    """Write a safetensors file one tensor at a time: `specs` gives each name's (dtype, shape) for the
+    header and `produce(name)` returns its array only when it is written, so a file larger than
+    memory can be written."""
+    names = sorted(specs)
+    header, offset = {}, 0
+    for name in names:
+        dtype, shape = np.dtype(specs[name][0]), tuple(int(d) for d in specs[name][1])
+        n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        header[name] = {"dtype": _CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for name in names:
+            a = np.ascontiguousarray(produce(name), dtype=np.dtype(specs[name][0]))
+            if a.shape != tuple(specs[name][1]):
+                raise CheckpointError(f"{path}: tensor {name!r} has shape {a.shape}, declared {specs[name][1]}")
+            if a.size:
+                f.write(a.reshape(-1).view(np.uint8).data)
+            del a
