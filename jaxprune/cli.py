@@ -6,6 +6,13 @@
                    [--calib FILE ...] --out DIR
     jaxprune prune [MODEL] --method bonsai|finercut --target 0.3 --out DIR     (structured:
                    removes a fraction of non-embedding parameters; writes the smaller model)
+    jaxprune prune HF_DIR --stream --method wanda|sparsegpt --out DIR      (one layer in memory
+                   at a time; resumes an interrupted run; no evaluation)
+
+Scale: `--model-parallel N` runs one-shot methods on a ("data", "model") mesh of all devices
+(calibration batches split over "data", weights over N-way "model"); `--coordinator HOST:PORT
+--num-processes P --process-id I` (or JAXPRUNE_COORDINATOR / JAXPRUNE_NUM_PROCESSES /
+JAXPRUNE_PROCESS_ID) starts JAX's multi-process runtime first; process 0 writes the output.
 
 MODEL defaults to the bundled `smollm2-135m`; --text defaults to the bundled
 `prideprejudice` (any bundled name, local file or `datasets` source works).
@@ -102,6 +109,8 @@ def cmd_prune(args) -> int:
 
     if args.method in STRUCTURED:
         return cmd_prune_structured(args)
+    if args.stream:
+        return cmd_prune_streaming(args)
     console = Console(stderr=True)
     out = _check_out(args)
     timings = {}
@@ -114,9 +123,10 @@ def cmd_prune(args) -> int:
     timings["eval_dense_s"] = time.perf_counter() - t
     t = time.perf_counter()
     per_layer = owl_sparsities(params, calib, args.sparsity) if args.owl else None
-    kw = dict(pattern=args.pattern, show_progress=args.progress)
+    mesh = _mesh(args)
+    kw = dict(pattern=args.pattern, show_progress=args.progress, mesh=mesh)
     if args.method == "magnitude":
-        masks = magnitude(params, args.sparsity, pattern=args.pattern)
+        masks = magnitude(params, args.sparsity, pattern=args.pattern, mesh=mesh)
         pruned = apply_masks(params, masks)
     elif args.method == "wanda":
         masks = wanda(params, calib, args.sparsity, mode=args.mode, per_layer_sparsity=per_layer, **kw)
@@ -141,6 +151,13 @@ def cmd_prune(args) -> int:
         "versions": {"jaxprune": __version__, "jax": jax.__version__, "python": platform.python_version(),
                      "backend": jax.default_backend()},
     }
+    report["devices"] = {"processes": jax.process_count(), "devices": jax.device_count(),
+                         "mesh": dict(mesh.shape) if mesh is not None else None}
+    if jax.process_count() > 1:
+        from .distributed import gather
+        pruned, masks = gather(pruned), gather(masks)
+        if jax.process_index() != 0:
+            return 0
     save(pruned, out, masks=masks, tokenizer=tok, overwrite=args.overwrite,
          extra_files={"report.json": json.dumps(report, indent=2)})
     table = Table(title=f"{args.model}: dense vs {args.method} ({args.pattern or 'unstructured'}, {args.sparsity:.0%})")
@@ -155,6 +172,52 @@ def cmd_prune(args) -> int:
 
 
 STRUCTURED = ("bonsai", "finercut")
+
+
+def _mesh(args):
+    """The ("data", "model") mesh of all devices when asked (--model-parallel or several processes)."""
+    import jax
+    if args.model_parallel is None and jax.process_count() == 1:
+        return None
+    from .distributed import make_mesh
+    return make_mesh(model=args.model_parallel or 1)
+
+
+def cmd_prune_streaming(args) -> int:
+    """Wanda/SparseGPT on an HF checkpoint directory, one layer in memory at a time."""
+    import json
+    import platform
+
+    import jax
+    import numpy as np
+
+    from . import __version__
+    from .data import CALIBRATION_TEXTS, calibration_windows, read_text
+    from .io.resolve import tokenizer
+    from .streaming import prune_streaming
+
+    if args.method not in ("wanda", "sparsegpt"):
+        raise JaxpruneError(f"--stream prunes with wanda or sparsegpt, not {args.method}")
+    if not os.path.isdir(args.model):
+        raise CheckpointError(f"--stream reads a Hugging Face checkpoint directory; {args.model} is not one")
+    out = _check_out(args)
+    t = time.perf_counter()
+    sources = args.calib or list(CALIBRATION_TEXTS)
+    calib = calibration_windows(tokenizer(args.model), [read_text(c) for c in sources], n=args.n_calib or 32,
+                                seqlen=args.seqlen, seed=args.seed)
+    prune_streaming(args.model, out, np.asarray(calib), args.method, args.sparsity, args.pattern, mode=args.mode,
+                    overwrite=args.overwrite, show_progress=args.progress)
+    seconds = time.perf_counter() - t
+    report = {"model": args.model, "method": args.method, "pattern": args.pattern or "unstructured",
+              "sparsity": args.sparsity, "mode": args.mode, "streamed": True, "seed": args.seed,
+              "calibration": {"sources": sources, "n": int(calib.shape[0]), "seqlen": args.seqlen},
+              "timings": {"prune_s": seconds},
+              "versions": {"jaxprune": __version__, "jax": jax.__version__, "python": platform.python_version(),
+                           "backend": jax.default_backend()}}
+    with open(os.path.join(out, "report.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    print(f"wrote {out} (Hugging Face checkpoint, masks, report.json) in {seconds:.1f}s")
+    return 0
 
 
 def _inputs(args, n_calib_default: int, calib_seqlen: int, timings: dict):
@@ -280,6 +343,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bars (default: on a terminal)")
+    p.add_argument("--stream", action="store_true",
+                   help="wanda/sparsegpt on an HF directory, one layer in memory at a time (resumable)")
+    p.add_argument("--model-parallel", type=int, default=None,
+                   help="run on a (data, model) mesh of all devices with this tensor-parallel size")
+    p.add_argument("--coordinator", default=None, help="multi-host: HOST:PORT of process 0 (or 'auto')")
+    p.add_argument("--num-processes", type=int, default=None, help="multi-host: number of processes")
+    p.add_argument("--process-id", type=int, default=None, help="multi-host: this process's index")
     p.set_defaults(func=cmd_prune)
     return ap
 
@@ -287,6 +357,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "coordinator", None) or os.environ.get("JAXPRUNE_COORDINATOR"):
+            from .distributed import initialize
+            initialize(getattr(args, "coordinator", None), getattr(args, "num_processes", None),
+                       getattr(args, "process_id", None))
         return args.func(args)
     except JaxpruneError as e:
         print(f"jaxprune: error: {e}", file=sys.stderr)

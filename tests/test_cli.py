@@ -104,3 +104,48 @@ def test_structured_prune_writes_a_smaller_model(opt_dir, tmp_path, capsys, meth
     assert non_embedding_params(small) == report["non_embedding_params"]["pruned"]
     assert main(["prune", str(d), "--method", method, "--out", str(tmp_path / "o2")]) == 2  # no --target
     assert "--target" in capsys.readouterr().err
+
+
+def test_prune_stream_equals_in_memory_masks(opt_dir, tmp_path, capsys):
+    import json
+    import jax
+    import numpy as np
+    import jaxprune as jp
+    from jaxprune.streaming import load_masks
+    d = with_char_tokenizer(opt_dir, tmp_path)
+    text = tmp_path / "t.txt"
+    text.write_text("It is a truth universally acknowledged.\n\nThat a single man. " * 30)
+    common = ["--method", "wanda", "--sparsity", "0.5", "--calib", str(text), "--n-calib", "4", "--seqlen", "32",
+              "--no-progress"]
+    assert main(["prune", str(d), "--stream", "--out", str(tmp_path / "s")] + common) == 0
+    assert main(["prune", str(d), "--eval-text", str(text), "--eval-windows", "2", "--out", str(tmp_path / "m")]
+                + common) == 0
+    report = json.loads((tmp_path / "s" / "report.json").read_text())
+    assert report["streamed"] and report["method"] == "wanda"
+    params = jp.load(str(tmp_path / "m"))
+    for a, b in zip(jax.tree.leaves(load_masks(str(tmp_path / "m"), params)),
+                    jax.tree.leaves(load_masks(str(tmp_path / "s")))):
+        np.testing.assert_array_equal(a, b)
+    assert main(["prune", "/no/such/dir", "--stream", "--out", str(tmp_path / "x")] + common) == 2
+    assert "not one" in capsys.readouterr().err
+
+
+def test_prune_on_a_mesh_records_it(opt_dir, tmp_path, capsys):
+    import json
+    d = with_char_tokenizer(opt_dir, tmp_path)
+    text = tmp_path / "t.txt"
+    text.write_text("It is a truth universally acknowledged.\n\nThat a single man. " * 30)
+    out = tmp_path / "out"
+    argv = ["prune", str(d), "--method", "sparsegpt", "--calib", str(text), "--n-calib", "4", "--seqlen", "32",
+            "--eval-text", str(text), "--eval-windows", "2", "--out", str(out), "--no-progress",
+            "--model-parallel", "1"]
+    assert main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["devices"]["mesh"] == {"data": 1, "model": 1} and report["devices"]["processes"] == 1
+
+
+def test_multi_host_flags_are_checked(monkeypatch, capsys):
+    monkeypatch.delenv("JAXPRUNE_NUM_PROCESSES", raising=False)
+    monkeypatch.delenv("JAXPRUNE_PROCESS_ID", raising=False)
+    assert main(["prune", "--coordinator", "localhost:1", "--out", "/tmp/never"]) == 2
+    assert "number of processes" in capsys.readouterr().err

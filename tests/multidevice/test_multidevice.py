@@ -193,3 +193,19 @@ def test_structured_utilities_and_l0_step_on_a_sharded_batch():
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 from jaxprune import criteria as jp_criteria  # noqa: E402  (used inside the pmapped function)
+
+
+def test_structured_methods_accept_sharded_params():
+    """Bonsai and FinerCut on tensor-parallel params and a data-sharded batch choose what they choose
+    on one device."""
+    params = jp.init(LLAMA, jax.random.key(0))
+    windows = np.asarray(jax.random.randint(jax.random.key(1), (8, 16), 0, LLAMA.vocab_size))
+    mesh = distributed.make_mesh(model=2)
+    sharded, batch = distributed.shard_params(params, mesh), distributed.shard_batch(windows, mesh)
+    ref = jp.finercut(params, windows, n_remove=2)
+    got = jp.finercut(sharded, batch, n_remove=2)
+    assert ref.order == got.order
+    ref_b = jp.bonsai(params, windows, target=0.1, n_samples=4, show_progress=False)
+    got_b = jp.bonsai(sharded, batch, target=0.1, n_samples=4, show_progress=False)
+    for k in ref_b.gates:
+        np.testing.assert_array_equal(np.asarray(ref_b.gates[k]), np.asarray(got_b.gates[k]))
