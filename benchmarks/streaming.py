@@ -59,7 +59,14 @@ def child(args):
             out = jp.sparsegpt(params, calib, 0.5, batch_size=args.windows, show_progress=False)
         jax.block_until_ready(out)
     seconds = time.perf_counter() - t
-    print(json.dumps({"seconds": seconds, "baseline": baseline, "peak": _status("VmHWM")}), flush=True)
+    peak = _status("VmHWM")
+    kept = None
+    if args.child == "stream":   # check the output really is pruned: kept fraction of the first and last layer
+        from jaxprune.io.safetensors import open_safetensors
+        files = sorted(f for f in os.listdir(args.out) if f.startswith("masks-"))
+        kept = [float(np.mean([np.asarray(a).mean() for a in open_safetensors(os.path.join(args.out, f)).values()]))
+                for f in (files[0], files[-1])]
+    print(json.dumps({"seconds": seconds, "baseline": baseline, "peak": peak, "kept": kept}), flush=True)
 
 
 def run_child(mode, method, src, out, args) -> dict:
@@ -112,8 +119,8 @@ def main():
             m = run_child(mode, method, small, os.path.join(args.work, "out"), args)
             m.update(method=method, mode=mode)
             rows.append(m)
-            print(f"2 layers, {method}, {mode}: {m['seconds']:.1f} s, peak +{(m['peak'] - m['baseline']) / MiB:.0f} MiB",
-                  flush=True)
+            print(f"2 layers, {method}, {mode}: {m['seconds']:.1f} s, peak +{(m['peak'] - m['baseline']) / MiB:.0f} MiB"
+                  f", kept {m['kept']}", flush=True)
 
     full = None
     if not args.skip_full:
@@ -126,7 +133,7 @@ def main():
         full = run_child("stream", "wanda", big, os.path.join(args.work, "out"), args)
         full["size"] = size
         print(f"{args.layers} layers ({size / GiB:.1f} GiB), wanda streamed: {full['seconds']:.0f} s, "
-              f"peak +{(full['peak'] - full['baseline']) / MiB:.0f} MiB", flush=True)
+              f"peak +{(full['peak'] - full['baseline']) / MiB:.0f} MiB, kept {full['kept']}", flush=True)
         if not args.keep:
             shutil.rmtree(big, ignore_errors=True)
     if not args.keep:
@@ -156,7 +163,8 @@ def main():
                   f"in {full['seconds']:.0f} s ({full['seconds'] / args.layers:.1f} s per layer, including reading and "
                   f"writing), peak {used / MiB:.0f} MiB above the runtime ({used / full['size'] * 100:.1f}% of the "
                   f"checkpoint; {used / budget:.2f} x the 2-layers-plus-activations budget); the bare runtime held "
-                  f"{full['baseline'] / MiB:.0f} MiB."]
+                  f"{full['baseline'] / MiB:.0f} MiB. Kept fraction of the first and last layer's weights: "
+                  f"{full['kept'][0]:.3f}, {full['kept'][1]:.3f}."]
     write_section("Layer streaming on a 7B-shaped bf16 checkpoint (benchmarks/streaming.py)", "\n".join(lines))
 
 

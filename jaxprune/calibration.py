@@ -68,10 +68,17 @@ def _dense_interceptor(on_dense):
     return interceptor
 
 
-def blocked_matmuls(fn: Callable, max_block_bytes: int = 1 << 25):
+BLOCK_BYTES = 1 << 25
+
+
+def blocked_matmuls(fn: Callable, max_block_bytes: int | None = None):
     """Run `fn()` (op by op, not under jit) with every `nn.Dense` computed in blocks of output
-    columns, each block's weights converted to the activations' dtype on its own: a bfloat16
-    matrix is never upcast whole (XLA on CPU computes bfloat16 matmuls in float32)."""
+    columns of at most `max_block_bytes` (default `BLOCK_BYTES`, 32 MiB) of converted weights,
+    each block converted to the activations' dtype on its own: a bfloat16 matrix is never upcast
+    whole (XLA on CPU computes bfloat16 matmuls in float32). Installed innermost, under any
+    interceptor that must see the inputs (it does not call the next one for blocked layers)."""
+    max_block_bytes = BLOCK_BYTES if max_block_bytes is None else max_block_bytes
+
     def on_dense(path, module, x, call):
         p = module.variables["params"]
         kernel = p["kernel"]
@@ -130,6 +137,23 @@ def prune_layer(lp: dict, stats: dict, count, prune_dense: Callable, sparsity: f
     return lp, masks
 
 
+def _trim_heap() -> None:
+    """glibc's malloc_trim(0): give freed heap memory back to the OS (no-op elsewhere)."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            import ctypes
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
+
+
 class LayerPruner:
     """The jitted passes of sequential one-shot pruning for one decoder layer at a time.
 
@@ -152,17 +176,20 @@ class LayerPruner:
         self.donate, self.jit_passes = donate, jit_passes
         fam = models.family(config)
         cfg = config
+        # kg: the layer's unequal K/V grouping (static; None for every layer of an uncompacted model)
         if jit_passes:
             jit = lambda f: jax.jit(f, static_argnums=3)  # noqa: E731
+            apply = lambda lp, x, c, kg: fam.layer(cfg, lp, x, c, {}, kg)  # noqa: E731
         else:
-            jit = lambda f: lambda *a: blocked_matmuls(lambda: f(*a))  # noqa: E731
-        # kg: the layer's unequal K/V grouping (static; None for every layer of an uncompacted model)
-        self._run = jit(lambda lp, x, c, kg: fam.layer(cfg, lp, x, c, {}, kg))
+            jit = lambda f: f  # noqa: E731
+            # blocked matmuls innermost: the capture interceptor (outer) must see each input first
+            apply = lambda lp, x, c, kg: blocked_matmuls(lambda: fam.layer(cfg, lp, x, c, {}, kg))  # noqa: E731
+        self._run = jit(apply)
         # In dense mode the statistics pass also yields the next input; otherwise only the
         # statistics are returned and XLA drops work that only feeds the layer output (the
         # down projection), so the reference's first pass costs less than a full forward.
-        self._stats_and_output = jit(lambda lp, x, c, kg: capture(lambda: fam.layer(cfg, lp, x, c, {}, kg), kind))
-        self._stats_only = jit(lambda lp, x, c, kg: capture(lambda: fam.layer(cfg, lp, x, c, {}, kg), kind)[1])
+        self._stats_and_output = jit(lambda lp, x, c, kg: capture(lambda: apply(lp, x, c, kg), kind))
+        self._stats_only = jit(lambda lp, x, c, kg: capture(lambda: apply(lp, x, c, kg), kind)[1])
         self._prune_one = jax.jit(lambda dense, st, cnt, sparsity, path: prune_dense(path, dense, st, cnt, sparsity),
                                   static_argnums=(3, 4), donate_argnums=(0,) if donate else ())
 
@@ -224,9 +251,11 @@ class LayerPruner:
 
     def _collect(self):
         """In the low-memory configuration, return finished calls' temporaries now: on CPU they are
-        released only when Python's cycle collector runs."""
+        released only when Python's cycle collector runs, and freed heap pages stay with the
+        process until glibc is asked to trim them."""
         if self.donate or not self.jit_passes:
             gc.collect()
+            _trim_heap()
 
     def step(self, lp, X: list, ctx, kg, sparsity: float, target: frozenset, count, take_mask=None):
         """Prune one layer from its input chunks X; returns (new lp, masks, next layer's input chunks).

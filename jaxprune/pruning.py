@@ -160,23 +160,26 @@ def _wanda_dense(nm, scope):
         kernel = dense["kernel"]
         n = n_pruned(group_size(kernel.shape, scope), sparsity)
         norms = stat / count
-        bs = _column_block(kernel.shape[1], max(64, (1 << 22) // kernel.shape[0]))   # <= 4M scores per block
+        bs = _column_block(kernel.shape[1], max(64, (1 << 20) // kernel.shape[0]))   # <= 1M scores per block
         if scope != "row" or bs == kernel.shape[1] or bs < 64:
             keep = select_count(criteria.wanda(kernel, norms), n, nm, scope)
         else:
             # Rows (outputs) are compared independently: select in blocks of columns so the float32
             # scores and selection temporaries of a 7B-sized matrix never exist all at once.
-            # The loop slices the kernel's bits as unsigned ints: on CPU, XLA would otherwise upcast a
-            # bfloat16 kernel to float32 whole, before the loop, for the slicing.
+            # The loop works on the kernel's bits as unsigned ints: on CPU, XLA would otherwise upcast a
+            # bfloat16 kernel to float32 whole, before the loop, for the slicing. Pruned blocks are
+            # written back into the same (donatable) buffer: +0.0 has zero bits.
             bits = jax.lax.bitcast_convert_type(kernel, jnp.dtype(f"uint{8 * kernel.dtype.itemsize}"))
 
-            def block(j, keep):
-                cols = jax.lax.bitcast_convert_type(jax.lax.dynamic_slice_in_dim(bits, j * bs, bs, axis=1), kernel.dtype)
-                return jax.lax.dynamic_update_slice_in_dim(
-                    keep, select_count(criteria.wanda(cols, norms), n, nm, scope), j * bs, axis=1)
-            keep = jax.lax.fori_loop(0, kernel.shape[1] // bs, block, jnp.zeros(kernel.shape, bool))
-            pruned = jax.lax.bitcast_convert_type(jnp.where(keep, bits, 0), kernel.dtype)   # +0.0 has zero bits
-            return {**dense, "kernel": pruned}, keep
+            def block(j, carry):
+                keep, bits = carry
+                col_bits = jax.lax.dynamic_slice_in_dim(bits, j * bs, bs, axis=1)
+                k = select_count(criteria.wanda(jax.lax.bitcast_convert_type(col_bits, kernel.dtype), norms), n, nm,
+                                 scope)
+                return (jax.lax.dynamic_update_slice_in_dim(keep, k, j * bs, axis=1),
+                        jax.lax.dynamic_update_slice_in_dim(bits, jnp.where(k, col_bits, 0), j * bs, axis=1))
+            keep, bits = jax.lax.fori_loop(0, kernel.shape[1] // bs, block, (jnp.zeros(kernel.shape, bool), bits))
+            return {**dense, "kernel": jax.lax.bitcast_convert_type(bits, kernel.dtype)}, keep
         return {**dense, "kernel": jnp.where(keep, kernel, 0)}, keep
     return prune_dense
 

@@ -233,3 +233,33 @@ def test_nan_weights_are_rejected():
     tree["layers"][0]["mlp"]["up_proj"]["kernel"] = tree["layers"][0]["mlp"]["up_proj"]["kernel"].at[0, 0].set(np.nan)
     with pytest.raises(jp.InvalidArgumentError, match=r"up_proj.*NaN or Inf"):
         jp.magnitude(params.replace(tree), 0.5)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("pattern", [None, (2, 4)])
+def test_wanda_column_blocks_match_a_numpy_row_selection(dtype, pattern):
+    """Large kernels are selected in blocks of output columns (over the kernel's bits); the masks
+    and pruned weights equal a plain numpy per-output selection."""
+    import jax.numpy as jnp
+    from jaxprune.pruning import _column_block, _wanda_dense
+    rng = np.random.default_rng(0)
+    n_in, n_out = 2048, 1536
+    kernel = jnp.asarray(rng.normal(size=(n_in, n_out)), dtype)
+    sumsq = jnp.asarray(rng.uniform(0.5, 2.0, n_in) * 10, jnp.float32)
+    assert _column_block(n_out, max(64, (1 << 20) // n_in)) < n_out      # the blocked path runs
+    new, keep = jax.jit(lambda d: _wanda_dense(pattern, "row")(("mlp", "up_proj"), d, sumsq, 10.0, 0.5))(
+        {"kernel": kernel})
+    scores = np.abs(np.asarray(kernel, np.float32)) * np.sqrt(np.asarray(sumsq) / 10.0)[:, None]
+    if pattern is None:
+        ref = np.zeros(scores.shape, bool)
+        top = np.argsort(-scores, axis=0, kind="stable")[: n_in // 2]
+        np.put_along_axis(ref, top, True, axis=0)
+    else:
+        g = scores.reshape(n_in // 4, 4, n_out)
+        order = np.argsort(-g, axis=1, kind="stable")[:, :2]
+        ref = np.zeros(g.shape, bool)
+        np.put_along_axis(ref, order, True, axis=1)
+        ref = ref.reshape(n_in, n_out)
+    np.testing.assert_array_equal(np.asarray(keep), ref)
+    np.testing.assert_array_equal(np.asarray(new["kernel"]), np.where(ref, np.asarray(kernel), 0))
+    assert new["kernel"].dtype == kernel.dtype

@@ -45,7 +45,9 @@ def _tensors(directory):
 
 @pytest.mark.parametrize("cfg", [LLAMA, OPT], ids=["llama-gqa", "opt"])
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
-def test_streamed_equals_in_memory(tmp_path, cfg, method):
+def test_streamed_equals_in_memory(tmp_path, cfg, method, monkeypatch):
+    # blocks of 16 output columns, as a 7B layer gets with the default 32 MiB: exercised here
+    monkeypatch.setattr("jaxprune.calibration.BLOCK_BYTES", 16 * 4 * max(cfg.hidden_size, 128))
     params = jp.init(cfg, jax.random.key(0))
     src = jp.save(params, str(tmp_path / "dense"))
     calib = _calib(cfg)
@@ -131,6 +133,7 @@ def test_peak_memory_about_one_7b_layer(tmp_path):
           f"runtime {m['baseline'] / 2**20:.0f} MiB, peak {m['peak'] / 2**20:.0f} MiB "
           f"(+{used / 2**20:.0f} MiB, budget {budget / 2**20:.0f} MiB), {m['seconds']:.1f} s")
     assert used < budget
+    assert len(m["kept"]) == 2 * 7 and all(v == 0.5 for v in m["kept"].values()), m["kept"]   # really pruned
     assert m["layer"] == 2 * (4 * 4096**2 + 3 * 4096 * 11008 + 2 * 4096)   # 7B-sized: attention, MLP, two norms
 
 

@@ -49,6 +49,12 @@ if __name__ == "__main__":
         streaming.prune_streaming(source, out, calib, "wanda", 0.5, batch_size=calib.shape[0])
         peak = status("VmHWM")
         acts = calib.size * cfg.hidden_size * 4
-        print(json.dumps({"baseline": baseline, "peak": peak, "layer": streaming.layer_bytes(cfg, jnp.bfloat16),
+        masks = streaming.load_masks(out)
+        kept = {}
+        for p, m in jax.tree_util.tree_flatten_with_path(masks)[0]:
+            name = jax.tree_util.keystr(p)
+            if "layers" in name and "kernel" in name:
+                kept[name] = float(np.mean(m))
+        print(json.dumps({"kept": kept, "baseline": baseline, "peak": peak, "layer": streaming.layer_bytes(cfg, jnp.bfloat16),
                           "activations": acts, "layers": cfg.num_hidden_layers,
                           "seconds": time.perf_counter() - t0}), flush=True)
