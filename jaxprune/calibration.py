@@ -239,7 +239,8 @@ class LayerPruner:
         mask is handed over as soon as it exists and not kept."""
         masks = {}
         for path in sorted(stats):
-            new, keep = self._prune_one(get_path(lp, path), stats[path], count, float(sparsity), path)
+            key = path if getattr(self.prune_dense, "uses_path", True) else None   # one compilation per shape
+            new, keep = self._prune_one(get_path(lp, path), stats[path], count, float(sparsity), key)
             if take_mask is None:
                 masks[path] = keep
             else:

@@ -181,6 +181,7 @@ def _wanda_dense(nm, scope):
             keep, bits = jax.lax.fori_loop(0, kernel.shape[1] // bs, block, (jnp.zeros(kernel.shape, bool), bits))
             return {**dense, "kernel": jax.lax.bitcast_convert_type(bits, kernel.dtype)}, keep
         return {**dense, "kernel": jnp.where(keep, kernel, 0)}, keep
+    prune_dense.uses_path = False
     return prune_dense
 
 
@@ -190,6 +191,7 @@ def _sparsegpt_dense(nm, blocksize, percdamp):
         k_full, k_last = block_counts(kernel.shape[1], kernel.shape[0], sparsity, blocksize)
         new, keep = solve(kernel, 2.0 * stat / count, k_full, k_last, nm=nm, blocksize=blocksize, percdamp=percdamp)
         return {**dense, "kernel": new}, keep
+    prune_dense.uses_path = False
     return prune_dense
 
 

@@ -87,8 +87,9 @@ def _random_binary(cfg, rng, p_zero):
     g = {k: (rng.random(shapes[k]) > p_zero).astype(np.float32) for k in KINDS}
     g["hidden"][rng.integers(cfg.hidden_size)] = 1.0
     g["layer"][0] = g["attn"][0] = 1.0
-    if g["hidden"].sum() == getattr(cfg, "word_embed_proj_dim", None):     # OPT cannot describe that width
-        g["hidden"][np.flatnonzero(g["hidden"] == 0)[0]] = 1.0
+    width = g["hidden"].sum()
+    if width == getattr(cfg, "word_embed_proj_dim", None) and width < cfg.hidden_size:
+        g["hidden"][np.flatnonzero(g["hidden"] == 0)[0]] = 1.0    # a *reduced* width OPT cannot describe
     return g
 
 
