@@ -52,6 +52,7 @@ from .params import Params, get_path
 from .progress import progress
 
 METHODS = ("wanda", "sparsegpt")
+LOW_MEMORY_LAYER_BYTES = 64 * 2**20
 _LINEAR = {"q_proj", "k_proj", "v_proj", "o_proj", "out_proj", "gate_proj", "up_proj", "down_proj", "fc1", "fc2"}
 
 
@@ -216,7 +217,8 @@ def _finish(source: str, work: str, config, names: dict[str, str], mask_names: d
 def prune_streaming(source: str, out: str, calib, method: str = "wanda", sparsity: float = 0.5,
                     pattern=None, *, mode: str = "sequential", batch_size: int = 8, blocksize: int = 128,
                     percdamp: float = 0.01, compute_dtype=jnp.float32, overwrite: bool = False,
-                    show_progress=None, on_layer: Callable[[int], None] | None = None) -> str:
+                    low_memory: bool | None = None, show_progress=None,
+                    on_layer: Callable[[int], None] | None = None) -> str:
     """Prune the checkpoint directory `source` into `out`, one layer in memory at a time.
 
     Args:
@@ -228,6 +230,9 @@ def prune_streaming(source: str, out: str, calib, method: str = "wanda", sparsit
         and `jaxprune.sparsegpt`.
       batch_size: calibration windows per forward.
       compute_dtype: dtype of the activations (weights stay in the stored dtype on the device).
+      low_memory: run each layer's passes op by op with column-blocked matmuls, so no weight is
+        ever held twice (`calibration.LayerPruner(jit_passes=False)`); default: for layers above
+        `LOW_MEMORY_LAYER_BYTES` (64 MiB). Smaller layers use the faster whole-layer jitted passes.
       on_layer: called with the layer index after each layer is committed.
 
     Returns:
@@ -266,7 +271,10 @@ def prune_streaming(source: str, out: str, calib, method: str = "wanda", sparsit
 
     _return_freed_memory()
     kind, prune_dense = _prune_dense(method, nm, blocksize, percdamp)
-    pruner = LayerPruner(config, kind, prune_dense, mode, donate=True, jit_passes=False)
+    if low_memory is None:
+        stored_itemsize = max(np.dtype(loc[0]).itemsize for _, loc in _locations(source).values())
+        low_memory = layer_bytes(config, np.dtype(f"u{stored_itemsize}")) > LOW_MEMORY_LAYER_BYTES
+    pruner = LayerPruner(config, kind, prune_dense, mode, donate=True, jit_passes=not low_memory)
     small, local_tokens = _embedding_inputs(source, config, tokens)
     X, ctx = embed_chunks(small, jnp.asarray(local_tokens), batch_size)
     del small

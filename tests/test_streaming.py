@@ -43,16 +43,19 @@ def _tensors(directory):
     return out
 
 
-@pytest.mark.parametrize("cfg", [LLAMA, OPT], ids=["llama-gqa", "opt"])
-@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
-def test_streamed_equals_in_memory(tmp_path, cfg, method, monkeypatch):
-    # blocks of 16 output columns, as a 7B layer gets with the default 32 MiB: exercised here
-    monkeypatch.setattr("jaxprune.calibration.BLOCK_BYTES", 16 * 4 * max(cfg.hidden_size, 128))
+@pytest.mark.parametrize("cfg,method,low_memory", [(LLAMA, "wanda", True), (OPT, "sparsegpt", True),
+                                                    (LLAMA, "sparsegpt", False), (OPT, "wanda", False)],
+                         ids=["llama-gqa-wanda-low-memory", "opt-sparsegpt-low-memory", "llama-gqa-sparsegpt",
+                              "opt-wanda"])
+def test_streamed_equals_in_memory(tmp_path, cfg, method, low_memory, monkeypatch):
+    # low memory: op-by-op passes with matmuls in blocks of 32 output columns, as a 7B layer gets
+    # blocks with the default 32 MiB; otherwise the whole-layer jitted passes small layers get
+    monkeypatch.setattr("jaxprune.calibration.BLOCK_BYTES", 32 * 4 * max(cfg.hidden_size, 128))
     params = jp.init(cfg, jax.random.key(0))
     src = jp.save(params, str(tmp_path / "dense"))
     calib = _calib(cfg)
     out = streaming.prune_streaming(src, str(tmp_path / "pruned"), calib, method, 0.5, batch_size=4,
-                                    blocksize=32, show_progress=False)
+                                    blocksize=32, low_memory=low_memory, show_progress=False)
     if method == "wanda":
         masks = jp.wanda(params, calib, 0.5, batch_size=4)
         pruned = jp.apply_masks(params, masks)
