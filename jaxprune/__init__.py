@@ -12,7 +12,9 @@ from .config import LlamaConfig, OPTConfig
 from .data import bundled_text, calibration_windows, eval_windows, read_text
 from .errors import CheckpointError, DataError, InvalidArgumentError, JaxpruneError, UnsupportedModelError
 from .evaluate import perplexity
-from .io.export import save
+from .io.checkpoints import checkpoint_args, load_checkpoint, restore_checkpoint, save_checkpoint
+from .io.compressed import load_compressed, save_compressed
+from .io.export import load_masks, save
 from .io.resolve import load, tokenizer
 from .calibration import input_stats
 from .compact import compact
@@ -62,5 +64,12 @@ __all__ = [
     "perplexity",
     "read_text",
     "save",
+    "save_checkpoint",
+    "save_compressed",
+    "load_checkpoint",
+    "load_compressed",
+    "load_masks",
+    "checkpoint_args",
+    "restore_checkpoint",
     "tokenizer",
 ]

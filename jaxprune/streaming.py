@@ -43,12 +43,13 @@ import numpy as np
 
 from . import models
 from .calibration import LayerPruner, embed_chunks
+from .io.export import load_masks  # noqa: F401  (re-exported: masks beside a streamed output)
 from .errors import CheckpointError, DataError, InvalidArgumentError
 from .io.hf import open_weights, read_config
 from .io.names import build_tree, flatten_tree, hf_to_path
 from .io.safetensors import read_tensor, tensor_locations, write_safetensors
 from .masks import check_sparsity, parse_pattern
-from .params import Params, get_path
+from .params import Params
 from .progress import progress
 
 METHODS = ("wanda", "sparsegpt")
@@ -352,30 +353,6 @@ def _linear_paths(lp: dict) -> list[tuple]:
                 out.append(path + (k,))
     walk(lp, ())
     return out
-
-
-def load_masks(directory: str, params: Params | None = None) -> Params:
-    """The masks saved beside a checkpoint (by `jaxprune.save(..., masks=)` or `prune_streaming`),
-    as a bool pytree shaped like its params (weights without a saved mask are all True)."""
-    from .io.safetensors import open_safetensors
-    config = params.config if params is not None else read_config(directory)
-    tree = models.shapes(config) if params is None else jax.tree.map(np.shape, params.tree)
-    masks = Params(config, jax.tree.map(lambda s: np.ones(s, np.bool_), tree, is_leaf=models.is_shape))
-    files = [f for f in os.listdir(directory) if f.startswith("masks") and f.endswith(".safetensors")]
-    for f in sorted(files):
-        for name, a in open_safetensors(os.path.join(directory, f)).items():
-            path = hf_to_path(name, config.arch)
-            if path is None:
-                raise CheckpointError(f"{f}: unknown tensor {name!r}")
-            node = masks.tree
-            for p in path[:-1]:
-                node = node[p]
-            target = get_path(masks.tree, path)
-            keep = np.asarray(a).astype(bool).T if path[-1] == "kernel" else np.asarray(a).astype(bool)
-            if keep.shape != target.shape:
-                raise CheckpointError(f"{f}: mask {name!r} has shape {keep.shape}, the model {target.shape}")
-            node[path[-1]] = keep
-    return masks
 
 
 def write_random_checkpoint(path: str, config, dtype=np.float32, seed: int = 0) -> str:

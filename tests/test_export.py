@@ -37,13 +37,21 @@ def test_pruned_model_round_trips_through_transformers(tmp_path, kind):
     np.testing.assert_allclose(torch_logits(model, x), ours, atol=1e-4, rtol=0)
     back = jp.load(out)
     np.testing.assert_allclose(np.asarray(jp.forward(back, x)), ours, atol=1e-6, rtol=0)
-    from jaxprune.io.safetensors import open_safetensors
-    stored = {}
-    for f in os.listdir(out):
-        if f.startswith("masks") and f.endswith(".safetensors"):
-            stored.update(open_safetensors(os.path.join(out, f)))
-    assert "model.layers.0.self_attn.q_proj.weight" in stored or "model.decoder.layers.0.fc1.weight" in stored
-    assert all(v.mean() == 0.5 for v in stored.values())
+    # Masks beside the model, bit-packed (1 bit per weight), read back exactly.
+    back_masks = jp.load_masks(out)
+    for a, b in zip(jax.tree.leaves(back_masks), jax.tree.leaves(masks)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b, bool))
+    mask_file = os.path.join(out, "masks.safetensors")
+    pruned_entries = sum(np.size(m) for m in jax.tree.leaves(masks) if not np.all(m))
+    assert os.path.getsize(mask_file) < pruned_entries / 8 + 4096
+
+
+def test_masks_tree_must_match_the_params(tmp_path):
+    cfg = jp.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    params = jp.init(cfg, jax.random.key(0))
+    with pytest.raises(jp.InvalidArgumentError, match="shaped like params"):
+        jp.save(params, str(tmp_path / "x"), masks={"layers": []})
+    assert not os.listdir(tmp_path)
 
 
 def test_save_never_overwrites_unless_asked(tmp_path):

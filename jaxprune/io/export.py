@@ -18,6 +18,7 @@ import os
 import shutil
 import tempfile
 
+import jax
 import numpy as np
 
 from ..errors import CheckpointError, InvalidArgumentError
@@ -57,16 +58,25 @@ def _write_shards(arrays: dict[str, np.ndarray], directory: str, max_shard_bytes
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
 
 
-def save(params: Params, path: str, masks: Params | None = None, tokenizer=None, overwrite: bool = False,
-         max_shard_bytes: int = 2 * 2**30, extra_files: dict[str, str] | None = None) -> str:
-    """Write `params` (and optionally `masks`, a tokenizer, extra text files) to directory `path`.
+MASKS_KEY = "jaxprune_masks"
 
-    Returns the path. Raises CheckpointError if `path` exists (unless `overwrite`) or
-    cannot be written.
-    """
-    if not isinstance(params, Params):
-        raise InvalidArgumentError(f"save needs jaxprune Params, got {type(params).__name__}")
-    path = os.path.abspath(path)
+
+def packed_mask_arrays(masks: Params) -> tuple[dict[str, np.ndarray], dict[str, list]]:
+    """Bit-packed (`np.packbits`, HF `[out, in]` layout flattened) masks of every tensor that is not
+    all True, and their shapes, for a `masks*.safetensors` file."""
+    arrays, shapes = {}, {}
+    for name, keep in _hf_arrays(masks).items():
+        keep = keep.astype(bool)
+        if not keep.all():
+            arrays[name] = np.packbits(keep.reshape(-1))
+            shapes[name] = list(keep.shape)
+    return arrays, shapes
+
+
+def write_directory(path: str, write, overwrite: bool = False) -> str:
+    """Create directory `path` atomically: `write(tmp)` fills a temporary sibling, which is then renamed
+    into place (replacing an existing `path` only with `overwrite`). Nothing is left on failure."""
+    path = os.path.abspath(os.fspath(path))
     if os.path.exists(path) and not overwrite:
         raise CheckpointError(f"{path} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
     parent = os.path.dirname(path)
@@ -76,17 +86,7 @@ def save(params: Params, path: str, masks: Params | None = None, tokenizer=None,
     except OSError as e:
         raise CheckpointError(f"cannot write to {parent}: {e.strerror}") from None
     try:
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(params.config.to_hf(), f, indent=2, sort_keys=True)
-        _write_shards(_hf_arrays(params), tmp, max_shard_bytes)
-        if masks is not None:
-            m = {k: v.astype(np.uint8) for k, v in _hf_arrays(masks).items() if not v.all()}
-            _write_shards(m, tmp, max_shard_bytes, prefix="masks")
-        if tokenizer is not None:
-            tokenizer.backend.save(os.path.join(tmp, "tokenizer.json"))
-        for name, text in (extra_files or {}).items():
-            with open(os.path.join(tmp, name), "w") as f:
-                f.write(text)
+        write(tmp)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; a checkpoint gets ordinary permissions
@@ -106,3 +106,84 @@ def save(params: Params, path: str, masks: Params | None = None, tokenizer=None,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def save(params: Params, path: str, masks: Params | None = None, tokenizer=None, overwrite: bool = False,
+         max_shard_bytes: int = 2 * 2**30, extra_files: dict[str, str] | None = None) -> str:
+    """Write `params` (and optionally `masks`, a tokenizer, extra text files) to directory `path`.
+
+    Masks are stored bit-packed in `masks.safetensors` (only tensors with pruned entries);
+    `jp.load_masks(path)` reads them back. Returns the path. Raises CheckpointError if `path`
+    exists (unless `overwrite`) or cannot be written.
+    """
+    if not isinstance(params, Params):
+        raise InvalidArgumentError(f"save needs jaxprune Params, got {type(params).__name__}")
+    if masks is not None and (not isinstance(masks, Params) or
+                              jax.tree.structure(masks) != jax.tree.structure(params)):
+        raise InvalidArgumentError("masks must be shaped like params (the pytree jp.wanda / jp.magnitude / "
+                                   "jp.sparsegpt return)")
+
+    def write(tmp: str) -> None:
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(params.config.to_hf(), f, indent=2, sort_keys=True)
+        _write_shards(_hf_arrays(params), tmp, max_shard_bytes)
+        if masks is not None:
+            arrays, shapes = packed_mask_arrays(masks)
+            if arrays:
+                from safetensors.numpy import save_file
+                save_file(arrays, os.path.join(tmp, "masks.safetensors"),
+                          metadata={MASKS_KEY: json.dumps(shapes, sort_keys=True)})
+        if tokenizer is not None:
+            tokenizer.backend.save(os.path.join(tmp, "tokenizer.json"))
+        for name, text in (extra_files or {}).items():
+            with open(os.path.join(tmp, name), "w") as f:
+                f.write(text)
+
+    return write_directory(path, write, overwrite)
+
+
+def load_masks(directory: str, params: Params | None = None) -> Params:
+    """The masks saved beside a checkpoint (by `jp.save(..., masks=)` or streamed pruning) as a
+    bool pytree shaped like its params; weights without a saved mask are all True.
+
+    Example:
+        >>> jp.save(pruned, "out/wanda50", masks=masks)            # doctest: +SKIP
+        >>> params, masks = jp.load("out/wanda50"), jp.load_masks("out/wanda50")  # doctest: +SKIP
+    """
+    from .. import models
+    from .hf import read_config
+    from .names import hf_to_path
+    from .safetensors import open_safetensors, read_metadata
+
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"{directory}: no such checkpoint directory")
+    config = params.config if params is not None else read_config(directory)
+    tree = models.shapes(config) if params is None else jax.tree.map(np.shape, params.tree)
+    masks = jax.tree.map(lambda s: np.ones(s, np.bool_), tree, is_leaf=models.is_shape)
+    files = [f for f in os.listdir(directory) if f.startswith("masks") and f.endswith(".safetensors")]
+    for f in sorted(files):
+        file = os.path.join(directory, f)
+        packed = read_metadata(file).get(MASKS_KEY)
+        shapes = json.loads(packed) if packed else {}
+        for name, a in open_safetensors(file).items():
+            path = hf_to_path(name, config.arch)
+            if path is None:
+                raise CheckpointError(f"{f}: unknown tensor {name!r}")
+            node = masks
+            try:
+                for p in path[:-1]:
+                    node = node[p]
+                target = node[path[-1]]
+            except (KeyError, IndexError):
+                raise CheckpointError(f"{f}: mask {name!r} names a weight the model does not have") from None
+            a = np.asarray(a)
+            if name in shapes:
+                shape = tuple(shapes[name])
+                if a.size * 8 < int(np.prod(shape)):
+                    raise CheckpointError(f"{f}: packed mask {name!r} is too short for shape {shape}")
+                a = np.unpackbits(a, count=int(np.prod(shape))).reshape(shape)
+            keep = a.astype(bool).T if path[-1] == "kernel" else a.astype(bool)
+            if keep.shape != target.shape:
+                raise CheckpointError(f"{f}: mask {name!r} has shape {keep.shape}, the model {target.shape}")
+            node[path[-1]] = keep
+    return Params(config, masks)

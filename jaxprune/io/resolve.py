@@ -18,6 +18,7 @@ import importlib.util
 import os
 import re
 
+import jax
 import jax.numpy as jnp
 
 from ..errors import CheckpointError
@@ -75,8 +76,10 @@ def load(source: str, dtype=jnp.float32) -> Params:
 
     Args:
       source: a built-in name (`"smollm2-135m"`), a Hugging Face checkpoint
-        directory (config.json + safetensors, single or sharded), a `.gguf` file
-        of a Llama-family model, or a hub id where a network exists.
+        directory (config.json + safetensors, single or sharded, as `jp.save`
+        writes), a `jp.save_compressed` or `jp.save_checkpoint` (orbax)
+        directory, a `.gguf` file of a Llama-family model, or a hub id where a
+        network exists.
       dtype: dtype of the loaded arrays (default float32); None keeps the stored dtype.
 
     Example:
@@ -86,7 +89,14 @@ def load(source: str, dtype=jnp.float32) -> Params:
     """
     path = resolve(source)
     if os.path.isdir(path):
+        from .checkpoints import is_checkpoint, load_checkpoint
+        from .compressed import is_compressed, load_compressed
         from .hf import load_hf_dir
+        if is_compressed(path):
+            return load_compressed(path, dtype=dtype)[0]
+        if is_checkpoint(path):
+            params = load_checkpoint(path).params
+            return params if dtype is None else jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
         return load_hf_dir(path, dtype=dtype)
     if path.endswith(".gguf"):
         from .gguf import load_gguf

@@ -32,8 +32,19 @@ DTYPES = {
 }
 
 
+def read_metadata(path: str) -> dict[str, str]:
+    """The `__metadata__` string map of a safetensors header ({} when absent)."""
+    return _read_raw_header(path)[0].get("__metadata__") or {}
+
+
 def read_header(path: str) -> tuple[dict, int]:
     """(header dict without metadata, byte offset where tensor data begins)."""
+    header, start = _read_raw_header(path)
+    header.pop("__metadata__", None)
+    return header, start
+
+
+def _read_raw_header(path: str) -> tuple[dict, int]:
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         raw = f.read(8)
@@ -49,7 +60,6 @@ def read_header(path: str) -> tuple[dict, int]:
             raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
-    header.pop("__metadata__", None)
     return header, 8 + n
 
 

@@ -1,0 +1,97 @@
+"""Orbax checkpoints of params + masks + gates: standalone and through a CheckpointManager."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+
+import jaxprune as jp
+
+
+def tiny(dtype=jnp.float32):
+    cfg = jp.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1)
+    return jax.tree.map(lambda x: x.astype(dtype), jp.init(cfg, jax.random.key(0)))
+
+
+def same(a, b) -> bool:
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    return (jax.tree.structure(a) == jax.tree.structure(b) and
+            all(np.asarray(x).dtype == np.asarray(y).dtype and np.array_equal(np.asarray(x), np.asarray(y))
+                for x, y in zip(la, lb)))
+
+
+def test_params_masks_gates_and_metadata_round_trip(tmp_path):
+    params = tiny(ml_dtypes.bfloat16)
+    masks = jp.magnitude(params, 0.5, pattern="2:4")
+    gates = {"heads": jnp.array([[1.0, 0.0], [0.5, 1.0]]), "ffn": jnp.ones((2, 32)).at[0, 3].set(0.0)}
+    path = jp.save_checkpoint(str(tmp_path / "ck"), params, masks=masks, gates=gates,
+                              metadata={"step": 7, "method": "magnitude"})
+    ck = jp.load_checkpoint(path)
+    assert ck.params.config == params.config and same(ck.params, params)
+    assert ck.masks.config == params.config and same(ck.masks, jax.tree.map(np.asarray, masks))
+    assert same(ck.gates, gates) and ck.metadata == {"step": 7, "method": "magnitude"}
+    # jp.load understands the directory too (float32 by default, stored dtype with dtype=None).
+    assert same(jp.load(path, dtype=None), params)
+    assert jax.tree.leaves(jp.load(path))[0].dtype == jnp.float32
+
+
+def test_optional_parts_are_absent_and_existing_paths_are_kept(tmp_path):
+    params = tiny()
+    path = jp.save_checkpoint(str(tmp_path / "ck"), params)
+    ck = jp.load_checkpoint(path)
+    assert ck.masks is None and ck.gates is None and ck.metadata is None
+    with pytest.raises(jp.CheckpointError, match="already exists"):
+        jp.save_checkpoint(path, jax.tree.map(jnp.zeros_like, params))
+    assert same(jp.load_checkpoint(path).params, params)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    jp.save_checkpoint(path, zeros, overwrite=True)
+    assert same(jp.load_checkpoint(path).params, zeros)
+    with pytest.raises(jp.InvalidArgumentError, match="shaped like params"):
+        jp.save_checkpoint(str(tmp_path / "bad"), params, masks={"layers": []})
+    with pytest.raises(jp.InvalidArgumentError, match="Params"):
+        jp.save_checkpoint(str(tmp_path / "bad"), params.tree)
+    with pytest.raises(jp.CheckpointError, match="not a jaxprune orbax checkpoint"):
+        jp.load_checkpoint(str(tmp_path))
+    assert not os.path.exists(tmp_path / "bad")
+
+
+def test_masked_training_loop_with_a_checkpoint_manager(tmp_path):
+    """A user's optax loop keeps the masks; the manager keeps the last two steps, which restore exactly."""
+    params = tiny()
+    masks = jp.magnitude(params, 0.5)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 32, (2, 8)), jnp.int32)
+    opt = optax.chain(optax.adam(1e-2), jp.keep_masked(masks))
+    state = opt.init(params)
+    params = jp.apply_masks(params, masks)
+
+    def loss(p):
+        logits = jp.forward(p, tokens)
+        return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tokens[:, 1:]).mean()
+
+    saved = {}
+    with ocp.CheckpointManager(str(tmp_path / "run"), options=ocp.CheckpointManagerOptions(max_to_keep=2)) as mngr:
+        for step in range(3):
+            value, grads = jax.value_and_grad(loss)(params)
+            updates, state = opt.update(grads, state, params)
+            params = optax.apply_updates(params, updates)
+            mngr.save(step, args=jp.checkpoint_args(params, masks=masks, metadata={"loss": float(value)}))
+            saved[step] = (params, float(value))
+        mngr.wait_until_finished()
+        assert list(mngr.all_steps()) == [1, 2]
+    fresh = ocp.CheckpointManager(str(tmp_path / "run"))
+    latest = jp.restore_checkpoint(fresh)
+    assert same(latest.params, saved[2][0]) and latest.metadata == {"loss": saved[2][1]}
+    assert same(jp.restore_checkpoint(fresh, step=1).params, saved[1][0])
+    # Masked weights stayed zero through training and the checkpoint.
+    k = np.asarray(latest.params["layers"][0]["mlp"]["up_proj"]["kernel"])
+    assert not k[~np.asarray(latest.masks["layers"][0]["mlp"]["up_proj"]["kernel"])].any()
+    with pytest.raises(jp.CheckpointError, match="no checkpoint for step 0"):
+        jp.restore_checkpoint(fresh, step=0)
