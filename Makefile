@@ -19,13 +19,15 @@ $(BASE): pyproject.toml
 $(TEST): $(BASE)
 	# The local CPU build of torch first, so nothing pulls a CUDA build.
 	$(PIP) install torch==2.13.0
-	$(PIP) install -e ".[test,parity]"
+	$(PIP) install -e ".[test,parity,eval]"
 	touch $@
 
 # The main job: prune SmolLM2-135M with Wanda at 50% on the bundled text and print
-# dense vs pruned perplexity; writes the pruned checkpoint and report.json to runs/demo.
+# dense vs pruned perplexity; writes the pruned checkpoint and report.json to runs/demo,
+# then plots and a markdown summary to runs/demo/report.
 demo: $(BASE)
 	$(VENV)/bin/jaxprune prune smollm2-135m --method wanda --sparsity 0.5 --out runs/demo --overwrite
+	$(VENV)/bin/jaxprune report runs/demo
 
 test: $(TEST)
 	$(PY) -m pytest -q

@@ -28,6 +28,7 @@ from .models import forward, init
 from .owl import owl_sparsities
 from .pruning import default_prunable, magnitude, sparsegpt, wanda
 from .params import Params
+from . import report
 
 __version__ = "0.1.0"
 
@@ -63,6 +64,7 @@ __all__ = [
     "load",
     "perplexity",
     "read_text",
+    "report",
     "save",
     "save_checkpoint",
     "save_compressed",

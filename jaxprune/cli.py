@@ -8,6 +8,7 @@
                    removes a fraction of non-embedding parameters; writes the smaller model)
     jaxprune prune HF_DIR --stream --method wanda|sparsegpt --out DIR      (one layer in memory
                    at a time; resumes an interrupted run; no evaluation)
+    jaxprune report RUN_DIR [RUN_DIR ...] [--out DIR]   (PNG plots + report.md of prune runs)
 
 Scale: `--model-parallel N` runs one-shot methods on a ("data", "model") mesh of all devices
 (calibration batches split over "data", weights over N-way "model"); `--coordinator HOST:PORT
@@ -94,18 +95,17 @@ def cmd_eval(args) -> int:
 
 def cmd_prune(args) -> int:
     import json
-    import platform
 
     import jax
     from rich.console import Console
     from rich.table import Table
 
-    from . import __version__
     from .evaluate import perplexity
     from .io.export import save
     from .masks import apply_masks, summary
     from .owl import owl_sparsities
     from .pruning import magnitude, sparsegpt, wanda
+    from .report import layer_statistics
 
     if args.method in STRUCTURED:
         return cmd_prune_structured(args)
@@ -146,10 +146,8 @@ def cmd_prune(args) -> int:
         "evaluation": {"text": args.eval_text, "windows": int(ev.shape[0]), "seqlen": args.seqlen},
         "perplexity": {"dense": dense_ppl, "pruned": pruned_ppl},
         "sparsity_achieved": {"prunable": s["pruned_sparsity"], "all_params": s["total_sparsity"]},
-        "layers": {k: v for k, v in s["layers"].items() if v["zeros"]},
         "timings": timings,
-        "versions": {"jaxprune": __version__, "jax": jax.__version__, "python": platform.python_version(),
-                     "backend": jax.default_backend()},
+        "versions": _versions(),
     }
     report["devices"] = {"processes": jax.process_count(), "devices": jax.device_count(),
                          "mesh": dict(mesh.shape) if mesh is not None else None}
@@ -158,6 +156,7 @@ def cmd_prune(args) -> int:
         pruned, masks = gather(pruned), gather(masks)
         if jax.process_index() != 0:
             return 0
+    report["layer_statistics"] = layer_statistics(params, masks)
     save(pruned, out, masks=masks, tokenizer=tok, overwrite=args.overwrite,
          extra_files={"report.json": json.dumps(report, indent=2)})
     table = Table(title=f"{args.model}: dense vs {args.method} ({args.pattern or 'unstructured'}, {args.sparsity:.0%})")
@@ -167,11 +166,22 @@ def cmd_prune(args) -> int:
     table.add_row(args.method, f"{s['pruned_sparsity']:.1%}", f"{pruned_ppl:.2f}",
                   f"{timings['prune_s']:.1f} (prune) + {timings['eval_pruned_s']:.1f} (eval)")
     Console().print(table)
-    print(f"wrote {out} (Hugging Face checkpoint, masks.safetensors, report.json)")
+    print(f"wrote {out} (Hugging Face checkpoint, masks.safetensors, report.json); "
+          f"plots: jaxprune report {args.out}")
     return 0
 
 
 STRUCTURED = ("bonsai", "finercut")
+
+
+def _versions() -> dict:
+    import platform
+
+    import jax
+
+    from . import __version__
+    return {"jaxprune": __version__, "jax": jax.__version__, "python": platform.python_version(),
+            "backend": jax.default_backend()}
 
 
 def _mesh(args):
@@ -186,12 +196,9 @@ def _mesh(args):
 def cmd_prune_streaming(args) -> int:
     """Wanda/SparseGPT on an HF checkpoint directory, one layer in memory at a time."""
     import json
-    import platform
 
-    import jax
     import numpy as np
 
-    from . import __version__
     from .data import CALIBRATION_TEXTS, calibration_windows, read_text
     from .io.resolve import tokenizer
     from .streaming import prune_streaming
@@ -211,9 +218,7 @@ def cmd_prune_streaming(args) -> int:
     report = {"model": args.model, "method": args.method, "pattern": args.pattern or "unstructured",
               "sparsity": args.sparsity, "mode": args.mode, "streamed": True, "seed": args.seed,
               "calibration": {"sources": sources, "n": int(calib.shape[0]), "seqlen": args.seqlen},
-              "timings": {"prune_s": seconds},
-              "versions": {"jaxprune": __version__, "jax": jax.__version__, "python": platform.python_version(),
-                           "backend": jax.default_backend()}}
+              "timings": {"prune_s": seconds}, "versions": _versions()}
     with open(os.path.join(out, "report.json"), "w") as f:
         json.dump(report, f, indent=2)
     print(f"wrote {out} (Hugging Face checkpoint, masks, report.json) in {seconds:.1f}s")
@@ -255,6 +260,7 @@ def cmd_prune_structured(args) -> int:
     from .evaluate import perplexity
     from .finercut import finercut
     from .io.export import save
+    from .report import removed_units
     from .structured import non_embedding_params
 
     if args.target is None or not 0 < args.target < 1:
@@ -296,7 +302,9 @@ def cmd_prune_structured(args) -> int:
               "calibration": {"sources": calib_sources, "n": int(calib.shape[0]), "seqlen": int(calib.shape[1])},
               "evaluation": {"text": args.eval_text, "windows": int(ev.shape[0]), "seqlen": args.seqlen},
               "non_embedding_params": {"dense": dense_n, "pruned": small_n, "removed_fraction": 1 - small_n / dense_n},
-              "perplexity": {"dense": dense_ppl, "pruned": pruned_ppl}, "steps": details, "timings": timings}
+              "perplexity": {"dense": dense_ppl, "pruned": pruned_ppl}, "steps": details,
+              "structure": removed_units(gates, params.config.num_hidden_layers), "timings": timings,
+              "versions": _versions()}
     save(small, out, tokenizer=tok, overwrite=args.overwrite, extra_files={"report.json": json.dumps(report, indent=2)})
     table = Table(title=f"{args.model}: dense vs {args.method} ({1 - small_n / dense_n:.1%} of non-embedding "
                         f"parameters removed)")
@@ -306,6 +314,14 @@ def cmd_prune_structured(args) -> int:
     table.add_row(args.method, f"{small_n:,}", f"{pruned_ppl:.2f}")
     Console().print(table)
     print(f"wrote {out} (smaller Hugging Face checkpoint, report.json)")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import render
+    res = render(args.runs, args.out)
+    print(f"wrote {res['markdown']} and {len(res['plots'])} plot(s): "
+          + ", ".join(os.path.basename(p) for p in res["plots"]))
     return 0
 
 
@@ -351,6 +367,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-processes", type=int, default=None, help="multi-host: number of processes")
     p.add_argument("--process-id", type=int, default=None, help="multi-host: this process's index")
     p.set_defaults(func=cmd_prune)
+    p = sub.add_parser("report", help="plots (PNG) and a markdown summary of one or more prune runs")
+    p.add_argument("runs", nargs="+", help="run directories (the --out of `jaxprune prune`, with report.json)")
+    p.add_argument("--out", default=None, help="output directory (default: RUN_DIR/report of the first run)")
+    p.set_defaults(func=cmd_report)
     return ap
 
 

@@ -80,6 +80,44 @@ def test_prune_writes_checkpoint_report_and_table(opt_dir, tmp_path, capsys):
     assert jp.sparsity_summary(jp.magnitude(jp.load(str(out)), 0.0))["total_size"] > 0
     assert main(argv) == 2  # refuses to overwrite
     assert "already exists" in capsys.readouterr().err
+    check_layer_statistics(report, jp.load(d), jp.load_masks(str(out)))
+    # `jaxprune report` on this run and a magnitude run: plots and a markdown summary.
+    mag = tmp_path / "mag"
+    assert main([*argv[:3], "magnitude", *argv[4:-2], str(mag), "--no-progress"]) == 0
+    assert main(["report", str(out), str(mag), "--out", str(tmp_path / "rep")]) == 0
+    check_report(tmp_path / "rep", [report, json.loads((mag / "report.json").read_text())],
+                 ["perplexity.png", "layers-0-out.png", "layers-1-mag.png"])
+    assert main(["report", str(tmp_path / "nothing")]) == 2
+    assert "no report.json" in capsys.readouterr().err
+
+
+def check_layer_statistics(report, dense, masks):
+    """report.json's per-layer statistics against numpy on the dense weights and the saved masks."""
+    import numpy as np
+    rows = report["layer_statistics"]
+    assert len(rows) == dense.config.num_hidden_layers
+    for i, row in enumerate(rows):
+        for name, stats in row["modules"].items():
+            node_w, node_m = dense["layers"][i], masks["layers"][i]
+            for k in name.split("."):
+                node_w, node_m = node_w[k], node_m[k]
+            w, m = np.asarray(node_w["kernel"], np.float64), np.asarray(node_m["kernel"])
+            assert stats["sparsity"] == pytest.approx(1 - m.mean())
+            assert stats["norm_removed"] == pytest.approx((w[~m] ** 2).sum() / (w ** 2).sum(), rel=1e-5)
+        assert {n.split(".")[-1] for n in row["modules"]} == {"q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"}
+
+
+def check_report(rep, reports, plots):
+    """PNG files that decode, and a markdown table carrying each run's perplexities."""
+    import matplotlib.image
+    assert sorted(p.name for p in rep.glob("*.png")) == sorted(plots)
+    for p in plots:
+        img = matplotlib.image.imread(str(rep / p))
+        assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100 and img.std() > 0
+    md = (rep / "report.md").read_text()
+    for r in reports:
+        assert f"| {r['perplexity']['dense']:.2f} | {r['perplexity']['pruned']:.2f} |" in md
+    assert all(f"]({p})" in md for p in plots)
 
 
 @pytest.mark.parametrize("method", ["bonsai", "finercut"])
@@ -104,6 +142,17 @@ def test_structured_prune_writes_a_smaller_model(opt_dir, tmp_path, capsys, meth
     assert non_embedding_params(small) == report["non_embedding_params"]["pruned"]
     assert main(["prune", str(d), "--method", method, "--out", str(tmp_path / "o2")]) == 2  # no --target
     assert "--target" in capsys.readouterr().err
+    # What was removed, per layer, agrees with the compacted model's shapes.
+    structure = report["structure"]
+    assert len(structure) == 2 and "versions" in report
+    for i, row in enumerate(structure):
+        layer = small["layers"][i] if i < len(small["layers"]) else {}
+        assert row["attn_removed"] == ("self_attn" not in layer)
+        assert row["mlp_removed"] == ("fc1" not in layer)
+        if "ffn_kept" in row and not row["mlp_removed"]:
+            assert row["ffn_kept"] == layer["fc1"]["kernel"].shape[1]
+    assert main(["report", str(out)]) == 0
+    check_report(out / "report", [report], ["perplexity.png", "layers.png"])
 
 
 def test_prune_stream_equals_in_memory_masks(opt_dir, tmp_path, capsys):

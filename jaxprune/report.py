@@ -1,0 +1,279 @@
+"""Run reports: per-layer statistics for `report.json`, and `render` for plots + markdown.
+
+Every `jaxprune prune` run writes `report.json` (method, settings, seed,
+versions, timings, perplexity before/after, per-layer statistics; structured
+runs also list the heads, FFN channels and sublayers removed). `render(runs,
+out)` turns one or more runs into PNG plots and a `report.md`:
+
+- `layers.png`: per decoder layer, the sparsity of each linear module and the
+  fraction of its weight norm pruned (one-shot runs), or the fraction of heads
+  and FFN channels kept and the sublayers removed (structured runs);
+- `perplexity.png`: perplexity against sparsity (fraction of prunable weights, or
+  of non-embedding parameters removed), one line per method and pattern, each
+  starting at the dense model.
+
+Example:
+    >>> import jax, jaxprune as jp
+    >>> cfg = jp.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+    ...                      num_hidden_layers=2, num_attention_heads=2)
+    >>> params = jp.init(cfg, jax.random.key(0))
+    >>> rows = layer_statistics(params, jp.magnitude(params, 0.5))
+    >>> len(rows), rows[0]["sparsity"]
+    (2, 0.5)
+    >>> render(["runs/demo"], "runs/demo/report")        # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+
+from .errors import CheckpointError, InvalidArgumentError
+
+
+def layer_statistics(params, masks) -> list[dict]:
+    """Per decoder layer: overall sparsity and, per linear module, its sparsity and the fraction of
+    the weight's squared norm that the mask removes (`||W * ~M||^2 / ||W||^2`)."""
+    rows = []
+    for i, (lp, lm) in enumerate(zip(params["layers"], masks["layers"])):
+        modules, size, zeros = {}, 0, 0
+        for path, w in jax.tree_util.tree_flatten_with_path(lp)[0]:
+            if path[-1].key != "kernel":
+                continue
+            m = np.asarray(_get(lm, path), bool)
+            w = np.asarray(w, np.float32)
+            total = float(np.sum(w * w))
+            name = ".".join(k.key for k in path[:-1])
+            modules[name] = {"sparsity": float(1 - m.mean()),
+                             "norm_removed": float(np.sum(np.where(m, 0, w * w)) / total) if total else 0.0}
+            size += m.size
+            zeros += int(m.size - np.count_nonzero(m))
+        rows.append({"layer": i, "sparsity": zeros / max(size, 1), "modules": modules})
+    return rows
+
+
+def _get(tree, path):
+    for k in path:
+        tree = tree[k.key if hasattr(k, "key") else k.idx]
+    return tree
+
+
+def removed_units(gates: dict, num_layers: int) -> list[dict]:
+    """Per decoder layer, what structured gates remove: kept/total heads (with the removed head
+    indices), kept/total FFN channels, and whether the attention / MLP sublayer is gone."""
+    def per_layer(key, i):
+        g = gates.get(key)
+        return None if g is None else np.asarray(g[i])
+
+    rows = []
+    for i in range(num_layers):
+        row = {"layer": i}
+        whole = per_layer("layer", i)
+        gone = whole is not None and float(whole) == 0
+        for kind in ("attn", "mlp"):
+            g = per_layer(kind, i)
+            row[f"{kind}_removed"] = bool(gone or (g is not None and float(g) == 0))
+        heads = per_layer("heads", i)
+        if heads is not None:
+            row["heads_total"] = int(heads.size)
+            row["heads_removed"] = [int(h) for h in np.flatnonzero(heads == 0)]
+            row["heads_kept"] = 0 if row["attn_removed"] else int(np.count_nonzero(heads))
+        ffn = per_layer("ffn", i)
+        if ffn is not None:
+            row["ffn_total"] = int(ffn.size)
+            row["ffn_kept"] = 0 if row["mlp_removed"] else int(np.count_nonzero(ffn))
+        rows.append(row)
+    return rows
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def read_run(run_dir: str) -> dict:
+    """The parsed `report.json` of a run directory (CheckpointError when missing or corrupt)."""
+    path = os.path.join(run_dir, "report.json") if os.path.isdir(run_dir) else run_dir
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{run_dir}: no report.json (is it the --out directory of `jaxprune prune`?)")
+    try:
+        with open(path) as f:
+            report = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: corrupt report.json ({e})") from None
+    if not isinstance(report, dict) or "method" not in report:
+        raise CheckpointError(f"{path}: not a jaxprune report (no 'method')")
+    report["_dir"] = os.path.abspath(os.path.dirname(path))
+    return report
+
+
+def _label(r: dict) -> str:
+    if "target" in r:
+        return r["method"]
+    return f"{r['method']} {r.get('pattern', 'unstructured')}" + (" +OWL" if r.get("owl") else "")
+
+
+def _x(r: dict) -> float | None:
+    """The run's sparsity for the perplexity plot."""
+    if "non_embedding_params" in r:
+        return r["non_embedding_params"]["removed_fraction"]
+    s = r.get("sparsity_achieved", {}).get("prunable", r.get("sparsity"))
+    return None if s is None else float(s)
+
+
+def _plot_perplexity(runs: list[dict], path: str) -> bool:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[str, list] = {}
+    for r in runs:
+        ppl, x = r.get("perplexity"), _x(r)
+        if not ppl or x is None:
+            continue
+        pts = series.setdefault(_label(r), [])
+        pts += [(0.0, ppl["dense"]), (x, ppl["pruned"])]
+    if not series:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, pts in sorted(series.items()):
+        xs, ys = zip(*sorted(set(pts)))
+        ax.plot(xs, ys, marker="o", label=label)
+    ax.set_xlabel("sparsity (prunable weights; structured: non-embedding parameters removed)")
+    ax.set_ylabel("perplexity")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title("perplexity vs sparsity")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _plot_layers(r: dict, path: str) -> bool:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if r.get("layer_statistics"):
+        rows = r["layer_statistics"]
+        names = sorted({n for row in rows for n in row["modules"]})
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for n in names:
+            xs = [row["layer"] for row in rows if n in row["modules"]]
+            axes[0].plot(xs, [row["modules"][n]["sparsity"] for row in rows if n in row["modules"]],
+                         marker=".", label=n)
+            axes[1].plot(xs, [row["modules"][n]["norm_removed"] for row in rows if n in row["modules"]],
+                         marker=".", label=n)
+        axes[0].set_ylabel("sparsity")
+        axes[1].set_ylabel("fraction of weight norm² pruned")
+        axes[1].legend(fontsize=7, ncol=2)
+        title = f"{r['model']}: {_label(r)} at {r.get('sparsity')}"
+    elif r.get("structure"):
+        rows = r["structure"]
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        xs = [row["layer"] for row in rows]
+        if any("heads_total" in row for row in rows):
+            axes[0].bar(xs, [row.get("heads_kept", 0) / max(row.get("heads_total", 1), 1) for row in rows],
+                        color="tab:blue")
+        axes[0].set_ylabel("fraction of attention heads kept")
+        if any("ffn_total" in row for row in rows):
+            axes[1].bar(xs, [row.get("ffn_kept", 0) / max(row.get("ffn_total", 1), 1) for row in rows],
+                        color="tab:orange")
+        axes[1].set_ylabel("fraction of FFN channels kept")
+        for ax, kind in zip(axes, ("attn", "mlp")):
+            gone = [row["layer"] for row in rows if row.get(f"{kind}_removed")]
+            ax.scatter(gone, [0.02] * len(gone), marker="x", color="red", zorder=3,
+                       label=f"{kind} sublayer removed")
+            ax.set_ylim(0, 1.05)
+            if gone:
+                ax.legend(fontsize=8)
+        title = f"{r['model']}: {r['method']} removing {r.get('target')} of non-embedding parameters"
+    else:
+        return False
+    for ax in axes:
+        ax.set_xlabel("decoder layer")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _fmt(x, spec=".3f"):
+    return "–" if x is None else format(x, spec)
+
+
+def _markdown(runs: list[dict], plots: list[str]) -> str:
+    lines = ["# jaxprune report", "",
+             "| run | model | method | sparsity | dense ppl | pruned ppl | prune time (s) | seed |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        ppl = r.get("perplexity") or {}
+        lines.append(f"| {os.path.basename(r['_dir'])} | {r.get('model')} | {_label(r)} | {_fmt(_x(r))} | "
+                     f"{_fmt(ppl.get('dense'), '.2f')} | {_fmt(ppl.get('pruned'), '.2f')} | "
+                     f"{_fmt((r.get('timings') or {}).get('prune_s'), '.1f')} | {r.get('seed')} |")
+    lines += [""] + [f"![{os.path.splitext(p)[0]}]({p})" for p in plots]
+    for r in runs:
+        lines += ["", f"## {os.path.basename(r['_dir'])}", ""]
+        settings = {k: r[k] for k in ("method", "pattern", "sparsity", "target", "mode", "owl", "seed") if k in r}
+        lines.append("settings: " + ", ".join(f"{k} = {v}" for k, v in settings.items()))
+        if r.get("calibration"):
+            c = r["calibration"]
+            lines.append(f"calibration: {c.get('n')} x {c.get('seqlen')} tokens of {', '.join(c.get('sources', []))}")
+        if r.get("evaluation"):
+            e = r["evaluation"]
+            lines.append(f"evaluation: {e.get('windows')} x {e.get('seqlen')} tokens of {e.get('text')}")
+        if r.get("versions"):
+            lines.append("versions: " + ", ".join(f"{k} {v}" for k, v in r["versions"].items()))
+        if r.get("timings"):
+            lines.append("timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in r["timings"].items()))
+        removed = [row for row in r.get("structure") or [] if row.get("attn_removed") or row.get("mlp_removed")
+                   or row.get("heads_removed") or row.get("ffn_kept", 0) < row.get("ffn_total", 0)]
+        if removed:
+            lines += ["", "| layer | heads removed | FFN channels kept | sublayers removed |", "|---|---|---|---|"]
+            for row in removed:
+                subs = [k for k in ("attn", "mlp") if row.get(f"{k}_removed")]
+                ffn = f"{row['ffn_kept']}/{row['ffn_total']}" if "ffn_total" in row else "–"
+                lines.append(f"| {row['layer']} | {row.get('heads_removed', '–')} | {ffn} | {', '.join(subs) or '–'} |")
+    return "\n".join(lines) + "\n"
+
+
+def render(run_dirs, out: str | None = None) -> dict:
+    """Render plots and `report.md` for one or more run directories; returns the files written.
+
+    Args:
+      run_dirs: a run directory (holding `report.json`) or a list of them.
+      out: output directory (default: `report/` inside the first run directory).
+
+    Returns:
+      {"dir": out, "markdown": path, "plots": [paths]}.
+    """
+    if isinstance(run_dirs, (str, os.PathLike)):
+        run_dirs = [run_dirs]
+    run_dirs = [os.fspath(d) for d in run_dirs]
+    if not run_dirs:
+        raise InvalidArgumentError("report needs at least one run directory")
+    runs = [read_run(d) for d in run_dirs]
+    out = os.path.abspath(out or os.path.join(runs[0]["_dir"], "report"))
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise CheckpointError(f"cannot write the report to {out}: {e.strerror}") from None
+    plots = []
+    if _plot_perplexity(runs, os.path.join(out, "perplexity.png")):
+        plots.append("perplexity.png")
+    for k, r in enumerate(runs):
+        name = "layers.png" if len(runs) == 1 else f"layers-{k}-{os.path.basename(r['_dir'])}.png"
+        if _plot_layers(r, os.path.join(out, name)):
+            plots.append(name)
+    md = os.path.join(out, "report.md")
+    with open(md, "w") as f:
+        f.write(_markdown(runs, plots))
+    return {"dir": out, "markdown": md, "plots": [os.path.join(out, p) for p in plots]}
+
+
+__all__ = ["layer_statistics", "read_run", "removed_units", "render"]
