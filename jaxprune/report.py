@@ -136,11 +136,13 @@ def _plot_perplexity(runs: list[dict], path: str) -> bool:
         pts += [(0.0, ppl["dense"]), (x, ppl["pruned"])]
     if not series:
         return False
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(7, 4))
     for label, pts in sorted(series.items()):
         xs, ys = zip(*sorted(set(pts)))
         ax.plot(xs, ys, marker="o", label=label)
-    ax.set_xlabel("sparsity (prunable weights; structured: non-embedding parameters removed)")
+        for x, y in zip(xs, ys):
+            ax.annotate(f"{y:.1f}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel("sparsity (structured: fraction of non-embedding parameters removed)", fontsize=9)
     ax.set_ylabel("perplexity")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
@@ -168,6 +170,7 @@ def _plot_layers(r: dict, path: str) -> bool:
             axes[1].plot(xs, [row["modules"][n]["norm_removed"] for row in rows if n in row["modules"]],
                          marker=".", label=n)
         axes[0].set_ylabel("sparsity")
+        axes[0].set_ylim(0, 1)
         axes[1].set_ylabel("fraction of weight norm² pruned")
         axes[1].legend(fontsize=7, ncol=2)
         title = f"{r['model']}: {_label(r)} at {r.get('sparsity')}"
@@ -220,17 +223,17 @@ def _markdown(runs: list[dict], plots: list[str]) -> str:
     for r in runs:
         lines += ["", f"## {os.path.basename(r['_dir'])}", ""]
         settings = {k: r[k] for k in ("method", "pattern", "sparsity", "target", "mode", "owl", "seed") if k in r}
-        lines.append("settings: " + ", ".join(f"{k} = {v}" for k, v in settings.items()))
+        lines.append("- settings: " + ", ".join(f"{k} = {v}" for k, v in settings.items()))
         if r.get("calibration"):
             c = r["calibration"]
-            lines.append(f"calibration: {c.get('n')} x {c.get('seqlen')} tokens of {', '.join(c.get('sources', []))}")
+            lines.append(f"- calibration: {c.get('n')} x {c.get('seqlen')} tokens of {', '.join(c.get('sources', []))}")
         if r.get("evaluation"):
             e = r["evaluation"]
-            lines.append(f"evaluation: {e.get('windows')} x {e.get('seqlen')} tokens of {e.get('text')}")
+            lines.append(f"- evaluation: {e.get('windows')} x {e.get('seqlen')} tokens of {e.get('text')}")
         if r.get("versions"):
-            lines.append("versions: " + ", ".join(f"{k} {v}" for k, v in r["versions"].items()))
+            lines.append("- versions: " + ", ".join(f"{k} {v}" for k, v in r["versions"].items()))
         if r.get("timings"):
-            lines.append("timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in r["timings"].items()))
+            lines.append("- timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in r["timings"].items()))
         removed = [row for row in r.get("structure") or [] if row.get("attn_removed") or row.get("mlp_removed")
                    or row.get("heads_removed") or row.get("ffn_kept", 0) < row.get("ffn_total", 0)]
         if removed:
