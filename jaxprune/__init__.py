@@ -28,7 +28,18 @@ from .models import forward, init
 from .owl import owl_sparsities
 from .pruning import default_prunable, magnitude, sparsegpt, wanda
 from .params import Params
+from .tasks import continuation_accuracy, continuation_task, generation_task, last_word_accuracy, last_word_task
+from .tasks import write_lm_eval_task
+from .generation_metrics import evaluate_generation, hidden_state_embedder, nonzero_parameters, rouge_scores
 from . import report
+
+
+def __getattr__(name):
+    # JaxpruneLM subclasses lm-eval's LM, so it is built (and lm-eval imported) only on first use.
+    if name == "JaxpruneLM":
+        from .harness import JaxpruneLM
+        return JaxpruneLM
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __version__ = "0.1.0"
 
@@ -74,4 +85,15 @@ __all__ = [
     "checkpoint_args",
     "restore_checkpoint",
     "tokenizer",
+    "JaxpruneLM",
+    "last_word_task",
+    "last_word_accuracy",
+    "continuation_task",
+    "continuation_accuracy",
+    "generation_task",
+    "write_lm_eval_task",
+    "evaluate_generation",
+    "rouge_scores",
+    "nonzero_parameters",
+    "hidden_state_embedder",
 ]
