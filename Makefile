@@ -29,8 +29,9 @@ demo: $(BASE)
 	$(VENV)/bin/jaxprune prune smollm2-135m --method wanda --sparsity 0.5 --out runs/demo --overwrite
 	$(VENV)/bin/jaxprune report runs/demo
 
+# Two workers (the CI machine has 2 cores); tests are independent and use their own tmp dirs.
 test: $(TEST)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist worksteal
 
 bench: $(TEST)
 	$(PY) -m benchmarks.forward

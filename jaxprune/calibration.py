@@ -170,7 +170,7 @@ class LayerPruner:
 
     def __init__(self, config, kind: str | None, prune_dense: Callable, mode: str = "sequential",
                  donate: bool = False, jit_passes: bool = True):
-        if mode not in MODES:
+        if not isinstance(mode, str) or mode not in MODES:
             raise InvalidArgumentError(f"mode must be one of {MODES}, got {mode!r}")
         self.config, self.kind, self.prune_dense, self.mode = config, kind, prune_dense, mode
         self.donate, self.jit_passes = donate, jit_passes

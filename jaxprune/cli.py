@@ -26,7 +26,7 @@ import os
 import sys
 import time
 
-from .errors import CheckpointError, JaxpruneError
+from .errors import CheckpointError, InvalidArgumentError, JaxpruneError
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -109,6 +109,7 @@ def cmd_prune(args) -> int:
 
     if args.method in STRUCTURED:
         return cmd_prune_structured(args)
+    _check_prune_args(args)
     if args.stream:
         return cmd_prune_streaming(args)
     console = Console(stderr=True)
@@ -204,7 +205,7 @@ def cmd_prune_streaming(args) -> int:
     from .streaming import prune_streaming
 
     if args.method not in ("wanda", "sparsegpt"):
-        raise JaxpruneError(f"--stream prunes with wanda or sparsegpt, not {args.method}")
+        raise InvalidArgumentError(f"--stream prunes with wanda or sparsegpt, not {args.method}")
     if not os.path.isdir(args.model):
         raise CheckpointError(f"--stream reads a Hugging Face checkpoint directory; {args.model} is not one")
     out = _check_out(args)
@@ -240,10 +241,30 @@ def _inputs(args, n_calib_default: int, calib_seqlen: int, timings: dict):
     return params, tok, sources, calib, ev
 
 
+def _check_prune_args(args) -> None:
+    """--sparsity, --pattern, --seqlen and --n-calib, checked before anything is loaded."""
+    from .masks import check_sparsity, parse_pattern
+    for flag, check in (("--sparsity", lambda: check_sparsity(args.sparsity)),
+                        ("--pattern", lambda: parse_pattern(args.pattern))):
+        try:
+            check()
+        except InvalidArgumentError as e:
+            raise InvalidArgumentError(f"{flag}: {e}") from None
+    if args.seqlen < 2:
+        raise InvalidArgumentError(f"--seqlen must be at least 2, got {args.seqlen}")
+    if args.n_calib is not None and args.n_calib < 1:
+        raise InvalidArgumentError(f"--n-calib must be at least 1, got {args.n_calib}")
+
+
 def _check_out(args) -> str:
     out = os.path.abspath(args.out)
     if os.path.exists(out) and not args.overwrite:
         raise CheckpointError(f"{out} already exists; pass --overwrite to replace it")
+    parent = os.path.dirname(out)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise CheckpointError(f"cannot write {out}: {parent} is not a writable directory")
     return out
 
 
@@ -264,7 +285,7 @@ def cmd_prune_structured(args) -> int:
     from .structured import non_embedding_params
 
     if args.target is None or not 0 < args.target < 1:
-        raise JaxpruneError(f"--method {args.method} needs --target, a fraction in (0, 1) of non-embedding "
+        raise InvalidArgumentError(f"--method {args.method} needs --target, a fraction in (0, 1) of non-embedding "
                             f"parameters to remove, got {args.target}")
     console = Console(stderr=True)
     out = _check_out(args)

@@ -76,13 +76,21 @@ def perplexity(params: Params, windows, seqlen: int | None = None, batch_size: i
     """
     if not isinstance(params, Params):
         raise InvalidArgumentError(f"perplexity needs jaxprune Params, got {type(params).__name__}")
-    windows = np.asarray(windows)
+    try:
+        windows = np.asarray(windows)
+    except (ValueError, TypeError) as e:   # e.g. ragged nested lists
+        raise InvalidArgumentError(f"windows must be an int array [n, seqlen], got {type(windows).__name__} "
+                                   f"({str(e).splitlines()[0][:120]})") from None
     if windows.ndim != 2 or windows.shape[0] == 0 or windows.shape[1] < 2:
         raise InvalidArgumentError(f"windows must be an int array [n >= 1, seqlen >= 2], got shape {windows.shape}")
     if not np.issubdtype(windows.dtype, np.integer):
         raise InvalidArgumentError(f"windows must hold integer token ids, got {windows.dtype}")
     if seqlen is not None and windows.shape[1] != seqlen:
         raise InvalidArgumentError(f"windows have length {windows.shape[1]} but seqlen={seqlen}")
+    context = getattr(params.config, "max_position_embeddings", None)
+    if context is not None and windows.shape[1] > context:
+        raise InvalidArgumentError(f"windows of {windows.shape[1]} tokens exceed the model's context "
+                                   f"(max_position_embeddings={context})")
     vocab = params.config.vocab_size
     if windows.min() < 0 or windows.max() >= vocab:
         raise InvalidArgumentError(f"token ids must lie in [0, {vocab}); got [{windows.min()}, {windows.max()}]")

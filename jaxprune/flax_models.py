@@ -33,7 +33,7 @@ import numpy as np
 from . import criteria
 from .calibration import _dense_interceptor, input_stat, plain_path
 from .errors import InvalidArgumentError
-from .masks import group_size, n_pruned, select_count
+from .masks import _is_real_dtype, group_size, n_pruned, select_count
 from .sparsegpt import block_counts, solve
 
 
@@ -103,6 +103,9 @@ def prune_user_model(params, calib, method: str, sparsity: float, nm, scope: str
     for kp, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         path = _strip(plain_path(kp))
         if prunable(path) and np.ndim(leaf) >= 2:
+            if not _is_real_dtype(getattr(leaf, "dtype", None)):
+                raise InvalidArgumentError(f"{path} must be an array of real numbers, got {type(leaf).__name__} "
+                                           f"{getattr(leaf, 'dtype', '')}")
             if not bool(jnp.isfinite(leaf).all()):
                 raise InvalidArgumentError(f"{path} holds NaN or Inf weights")
             kernels[path] = leaf
@@ -127,7 +130,7 @@ def prune_user_model(params, calib, method: str, sparsity: float, nm, scope: str
                                        "with `prunable`")
     new_kernels, keeps = {}, {}
     for path, k in kernels.items():
-        k2 = k.reshape(k.shape[0], -1)
+        k2 = k.reshape(k.shape[0], int(np.prod(k.shape[1:])))   # [in, out...] -> [in, out]; sizes may be 0
         if method == "sparsegpt":
             kf, kl = block_counts(k2.shape[1], k2.shape[0], sparsity, blocksize)
             new, keep = solve(k2, 2.0 * stats[path] / count, kf, kl, nm=nm, blocksize=blocksize, percdamp=percdamp)

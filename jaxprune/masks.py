@@ -34,29 +34,77 @@ import numpy as np
 from .errors import InvalidArgumentError
 
 
+def _show(x, limit: int = 80) -> str:
+    """A short repr of a user's value for an error message."""
+    try:
+        r = repr(x)
+    except Exception:  # e.g. an int too long to print
+        r = f"<{type(x).__name__}>"
+    return r if len(r) <= limit else r[:limit] + "..."
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
 def check_sparsity(sparsity) -> float:
     if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float, np.floating, np.integer)):
-        raise InvalidArgumentError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
-    s = float(sparsity)
+        raise InvalidArgumentError(f"sparsity must be a number in [0, 1), got {_show(sparsity)}")
+    try:
+        s = float(sparsity)
+    except OverflowError:
+        s = float("inf")
     if not 0.0 <= s < 1.0 or s != s:
-        raise InvalidArgumentError(f"sparsity must lie in [0, 1), got {sparsity!r}")
+        raise InvalidArgumentError(f"sparsity must lie in [0, 1), got {_show(sparsity)}")
     return s
 
 
 def parse_pattern(pattern) -> tuple[int, int] | None:
     """'2:4' -> (2, 4): keep N of every M consecutive inputs. None/'unstructured' -> None."""
-    if pattern is None or pattern == "unstructured":
+    if pattern is None or (isinstance(pattern, str) and pattern == "unstructured"):
         return None
     if isinstance(pattern, tuple) and len(pattern) == 2:
         n, m = pattern
+        if not (_is_int(n) and _is_int(m)):
+            raise InvalidArgumentError(f"an N:M pattern tuple needs two integers, got {_show(pattern)}")
+        n, m = int(n), int(m)
     else:
-        match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(pattern))
+        match = re.fullmatch(r"\s*([0-9]{1,9})\s*:\s*([0-9]{1,9})\s*", pattern) if isinstance(pattern, str) else None
         if not match:
-            raise InvalidArgumentError(f"pattern must be 'unstructured' or 'N:M' like '2:4', got {pattern!r}")
+            raise InvalidArgumentError(f"pattern must be 'unstructured' or 'N:M' like '2:4', got {_show(pattern)}")
         n, m = int(match.group(1)), int(match.group(2))
-    if not (isinstance(n, int) and isinstance(m, int)) or not 0 < n < m:
+    if not 0 < n < m:
         raise InvalidArgumentError(f"N:M pattern needs 0 < N < M, got {n}:{m}")
     return n, m
+
+
+def _is_real_dtype(dtype) -> bool:
+    if dtype is None:
+        return False
+    try:
+        return dtype == np.bool_ or (jnp.issubdtype(dtype, jnp.number) and not jnp.issubdtype(dtype, jnp.complexfloating))
+    except Exception:  # not a dtype at all (e.g. a torch dtype)
+        return False
+
+
+def check_scores(scores, min_ndim: int = 0, what: str = "scores"):
+    """`scores` as an array of real numbers with at least `min_ndim` axes (InvalidArgumentError if not).
+
+    Static checks only (shape and dtype), so a traced array passes through. Host arrays of a
+    64-bit type are cast to float32 on the host (JAX without x64 would wrap large int64 values)."""
+    if not isinstance(scores, jax.Array):
+        try:
+            scores = np.asarray(scores)
+        except Exception:
+            raise InvalidArgumentError(f"{what} must be an array of real numbers, got {type(scores).__name__}") from None
+    if not _is_real_dtype(scores.dtype):
+        raise InvalidArgumentError(f"{what} must be an array of real numbers, got dtype {scores.dtype}")
+    if scores.ndim < min_ndim:
+        raise InvalidArgumentError(f"{what} need at least {min_ndim} axis(es), got shape {tuple(scores.shape)}")
+    if isinstance(scores, np.ndarray) and scores.dtype.itemsize == 8:
+        with np.errstate(over="ignore"):
+            scores = scores.astype(np.float32)
+    return scores
 
 
 def _sortable_key(x):
@@ -87,6 +135,8 @@ def keep_top(scores, keep, axis: int = -1):
     Exact count for any `keep` (which may be traced). Finds the largest pruned value by
     bisection (no sort: ~10x faster than argsort on CPU), then splits ties by index.
     """
+    if jnp.shape(scores)[axis] == 0:  # empty comparison groups: nothing to select
+        return jnp.ones(jnp.shape(scores), bool)
     key = _sortable_key(jnp.moveaxis(scores, axis, -1))
     n = key.shape[-1]
     n_prune = n - keep
@@ -106,11 +156,13 @@ def n_pruned(n: int, sparsity: float) -> int:
 
 def per_output_mask(scores, sparsity: float):
     """Keep the top (1 - sparsity) of each output's inputs: scores [in, out] (Wanda's rows)."""
+    scores, sparsity = check_scores(scores, 1), check_sparsity(sparsity)
     return keep_top(scores, scores.shape[0] - n_pruned(scores.shape[0], sparsity), axis=0)
 
 
 def per_layer_mask(scores, sparsity: float):
     """Keep the top (1 - sparsity) of the whole tensor."""
+    scores, sparsity = check_scores(scores), check_sparsity(sparsity)
     return keep_top(scores.reshape(-1), scores.size - n_pruned(scores.size, sparsity)).reshape(scores.shape)
 
 
@@ -131,6 +183,8 @@ def select_count(scores, n_prune, nm=None, scope: str = "row"):
 
 def nm_mask(scores, n: int, m: int):
     """Keep the N largest of every M consecutive inputs (axis 0) of each output."""
+    n, m = parse_pattern((n, m))
+    scores = check_scores(scores, 1)
     n_in = scores.shape[0]
     if n_in % m:
         raise InvalidArgumentError(f"N:M pattern {n}:{m}: M={m} does not divide the input size {n_in}")
@@ -141,18 +195,24 @@ def nm_mask(scores, n: int, m: int):
 def select(scores, sparsity: float, pattern=None, scope: str = "row"):
     """One tensor's mask: N:M if `pattern`, else per output row ('row') or per tensor ('layer')."""
     nm = parse_pattern(pattern)
+    if not (isinstance(scope, str) and scope in ("row", "layer")):
+        raise InvalidArgumentError(f"scope must be 'row' or 'layer' (for 'global' use global_masks), got "
+                                   f"{_show(scope)}")
     if nm is not None:
         return nm_mask(scores, *nm)
+    scores = check_scores(scores)
     if scope == "row" and scores.ndim == 2:
         return per_output_mask(scores, sparsity)
-    if scope in ("row", "layer"):
-        return per_layer_mask(scores, sparsity)
-    raise InvalidArgumentError(f"scope must be 'row', 'layer' or 'global', got {scope!r}")
+    return per_layer_mask(scores, sparsity)
 
 
 def global_masks(score_tree, sparsity: float):
     """Masks keeping the top (1 - sparsity) of all scores in `score_tree` together."""
-    leaves, treedef = jax.tree.flatten(score_tree)
+    sparsity = check_sparsity(sparsity)
+    paths, treedef = jax.tree_util.tree_flatten_with_path(score_tree)
+    leaves = [check_scores(x, what=f"scores {jax.tree_util.keystr(p)}") for p, x in paths]
+    if not leaves:
+        return jax.tree.unflatten(treedef, [])
     sizes = [x.size for x in leaves]
     flat = jnp.concatenate([x.reshape(-1).astype(jnp.float32) for x in leaves])
     keep = keep_top(flat, flat.size - n_pruned(flat.size, sparsity))
@@ -168,17 +228,39 @@ def full_masks(params):
     return jax.tree.map(lambda p: jnp.ones(jnp.shape(p), bool), params)
 
 
-def _structure_error(params, masks):
+def _dtype(x):
+    dtype = getattr(x, "dtype", None)
+    if dtype is None and isinstance(x, (bool, int, float, np.generic)):
+        dtype = np.asarray(x).dtype
+    return dtype
+
+
+def mask_mismatch(params, masks, scalar_ok: bool = False) -> str | None:
+    """Why `masks` is not a boolean pytree shaped like `params` (None when it is).
+
+    Static checks only (tree structure, shapes, dtypes): safe on traced arrays. With
+    `scalar_ok`, a plain Python/numpy bool leaf stands for a whole tensor."""
     pt, mt = jax.tree.structure(params), jax.tree.structure(masks)
     if pt != mt:
         p_paths = {jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
         m_paths = {jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(masks)[0]}
         only_p, only_m = sorted(p_paths - m_paths)[:3], sorted(m_paths - p_paths)[:3]
-        return (f"masks do not match params: paths only in params {only_p}, only in masks {only_m}"
-                if only_p or only_m else f"masks do not match params: tree structures differ ({mt} vs {pt})")
+        if only_p or only_m:
+            return f"masks do not match params: paths only in params {only_p}, only in masks {only_m}"
+        if type(params) is not type(masks):
+            return (f"masks do not match params: the containers differ ({type(masks).__name__} masks for "
+                    f"{type(params).__name__} params)")
+        return f"masks do not match params: tree structures differ ({_show(mt, 300)} vs {_show(pt, 300)})"
     for (path, p), m in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(masks)):
+        name = jax.tree_util.keystr(path)
+        if not _is_real_dtype(getattr(p, "dtype", None)):
+            return f"params {name} must be an array of real numbers, got {type(p).__name__} {getattr(p, 'dtype', '')}"
+        if _dtype(m) != np.bool_:
+            return f"mask {name} must be boolean (True = keep), got {type(m).__name__} {_dtype(m)}"
+        if scalar_ok and isinstance(m, (bool, np.bool_)):
+            continue
         if jnp.shape(m) != jnp.shape(p):
-            return f"mask {jax.tree_util.keystr(path)} has shape {jnp.shape(m)}, params have {jnp.shape(p)}"
+            return f"mask {name} has shape {jnp.shape(m)}, params have {jnp.shape(p)}"
     return None
 
 
@@ -190,10 +272,10 @@ def apply_masks(params, masks):
         >>> apply_masks({"w": jnp.array([1., 2.])}, {"w": jnp.array([True, False])})["w"].tolist()
         [1.0, 0.0]
     """
-    err = _structure_error(params, masks)
+    err = mask_mismatch(params, masks)
     if err:
         raise InvalidArgumentError(err)
-    return jax.tree.map(lambda p, m: jnp.where(m, p, jnp.zeros((), p.dtype)), params, masks)
+    return jax.tree.map(lambda p, m: jnp.where(m, p, jnp.zeros((), jnp.result_type(p))), params, masks)
 
 
 def summary(masks, prunable=None) -> dict:
@@ -207,6 +289,9 @@ def summary(masks, prunable=None) -> dict:
     tot = tot_z = pr = pr_z = 0
     for path, m in jax.tree_util.tree_flatten_with_path(masks)[0]:
         name = jax.tree_util.keystr(path)
+        if not _is_real_dtype(_dtype(m)):
+            raise InvalidArgumentError(f"mask {name} must be a boolean (or numeric) array, got "
+                                       f"{type(m).__name__} {_dtype(m)}")
         size = int(np.size(m))
         zeros = size - int(np.count_nonzero(np.asarray(m)))
         rows[name] = {"size": size, "zeros": zeros, "sparsity": zeros / max(size, 1)}

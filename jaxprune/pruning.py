@@ -54,7 +54,7 @@ def _is_user_params(params) -> bool:
 def _user(params, calib, method, sparsity, pattern, scope, apply_fn, prunable, **kw):
     from .flax_models import prune_user_model
     sparsity = check_sparsity(sparsity)
-    if scope not in ("row", "layer"):
+    if not isinstance(scope, str) or scope not in ("row", "layer"):
         raise InvalidArgumentError(f"scope must be 'row' or 'layer' for your own Flax model, got {scope!r}")
     return prune_user_model(params, calib, method, sparsity, parse_pattern(pattern), scope, apply_fn, prunable, **kw)
 
@@ -62,7 +62,7 @@ def _user(params, calib, method, sparsity, pattern, scope, apply_fn, prunable, *
 def _validate(params, sparsity, pattern, scope, prunable):
     sparsity = check_sparsity(sparsity)
     nm = parse_pattern(pattern)
-    if scope not in SCOPES:
+    if not isinstance(scope, str) or scope not in SCOPES:
         raise InvalidArgumentError(f"scope must be one of {SCOPES}, got {scope!r}")
     prunable = prunable or default_prunable
     paths = _kernel_paths(params, prunable)
@@ -84,7 +84,11 @@ def _validate_tokens(params: Params, calib):
     if isinstance(calib, jax.Array) and not calib.is_fully_addressable:
         t = jax.ShapeDtypeStruct(calib.shape, calib.dtype)   # a multi-process batch: check its shape only
     else:
-        t = np.asarray(calib)
+        try:
+            t = np.asarray(calib)
+        except (ValueError, TypeError) as e:   # e.g. ragged nested lists
+            raise DataError(f"calibration tokens must be an int array [n, seqlen], got {type(calib).__name__} "
+                            f"({str(e).splitlines()[0][:120]})") from None
     if t.ndim != 2 or t.shape[0] == 0 or t.shape[1] < 2:
         raise DataError(f"calibration tokens must be an int array [n >= 1, seqlen >= 2], got shape {t.shape}")
     if not np.issubdtype(t.dtype, np.integer):
@@ -121,12 +125,19 @@ def _layer_sparsities(params: Params, sparsity: float, per_layer) -> list[float]
     L = len(params.tree["layers"])
     if per_layer is None:
         return [sparsity] * L
-    per_layer = [float(s) for s in per_layer]
+    if isinstance(per_layer, (str, bytes)) or not hasattr(per_layer, "__len__"):
+        raise InvalidArgumentError(f"per_layer_sparsity must be a sequence of {L} sparsities, got "
+                                   f"{type(per_layer).__name__}")
+    per_layer = [check_sparsity(s.item() if isinstance(s, (np.ndarray, jax.Array)) and s.ndim == 0 else s)
+                 for s in per_layer]   # 0-d arrays when per_layer is an array
     if len(per_layer) != L:
         raise InvalidArgumentError(f"per-layer sparsities have {len(per_layer)} entries for {L} layers")
-    for s in per_layer:
-        check_sparsity(s)
     return per_layer
+
+
+def _check_batch_size(batch_size) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise InvalidArgumentError(f"batch_size must be a positive integer, got {batch_size!r}")
 
 
 def _assemble(params: Params, layer_masks, new_layers=None):
@@ -287,6 +298,7 @@ def wanda(params: Params, calib, sparsity: float = 0.5, pattern=None, scope: str
         raise InvalidArgumentError("wanda compares within rows or layers; use scope='row' or 'layer'")
     _check_layer_only(paths, "wanda")
     sparsities = _layer_sparsities(params, sparsity, per_layer_sparsity)
+    _check_batch_size(batch_size)
     prune_dense = _wanda_dense(nm, scope)
     if isinstance(calib, dict):
         return _assemble(params, _from_stats(params, calib, paths, prune_dense, sparsities, "sumsq"))
@@ -318,12 +330,16 @@ def sparsegpt(params: Params, calib, sparsity: float = 0.5, pattern=None, mode: 
         return _user(params, calib, "sparsegpt", sparsity, pattern, "layer", apply_fn, prunable,
                      blocksize=blocksize, percdamp=percdamp)
     sparsity, nm, prunable, paths = _validate(params, sparsity, pattern, "layer", prunable)
+    if isinstance(blocksize, bool) or not isinstance(blocksize, (int, np.integer)) or blocksize < 1:
+        raise InvalidArgumentError(f"blocksize must be a positive integer, got {blocksize!r}")
     if nm and blocksize % nm[1]:
         raise InvalidArgumentError(f"blocksize={blocksize} must be a multiple of M={nm[1]}")
-    if not 0 <= percdamp < 1:
+    if isinstance(percdamp, bool) or not isinstance(percdamp, (int, float, np.integer, np.floating)) \
+            or not 0 <= percdamp < 1:
         raise InvalidArgumentError(f"percdamp must lie in [0, 1), got {percdamp}")
     _check_layer_only(paths, "sparsegpt")
     sparsities = _layer_sparsities(params, sparsity, per_layer_sparsity)
+    _check_batch_size(batch_size)
     prune_dense = _sparsegpt_dense(nm, blocksize, percdamp)
     if isinstance(calib, dict):
         layers, layer_masks = _from_stats(params, calib, paths, prune_dense, sparsities, "hessian", updates=True)

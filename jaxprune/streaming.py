@@ -170,7 +170,11 @@ def _validate(config, tokens, method, sparsity, pattern, blocksize):
     nm = parse_pattern(pattern)
     if nm and method == "sparsegpt" and blocksize % nm[1]:
         raise InvalidArgumentError(f"blocksize={blocksize} must be a multiple of M={nm[1]}")
-    t = np.asarray(tokens)
+    try:
+        t = np.asarray(tokens)
+    except (ValueError, TypeError) as e:   # e.g. ragged nested lists
+        raise DataError(f"calibration tokens must be an int array [n, seqlen], got {type(tokens).__name__} "
+                        f"({str(e).splitlines()[0][:120]})") from None
     if t.ndim != 2 or 0 in t.shape or t.shape[1] < 2 or not np.issubdtype(t.dtype, np.integer):
         raise DataError(f"calibration tokens must be an int array [n >= 1, seqlen >= 2], got {t.dtype}{list(t.shape)}")
     if t.min() < 0 or t.max() >= config.vocab_size:

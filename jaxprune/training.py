@@ -29,6 +29,7 @@ import optax
 
 from . import models
 from .errors import InvalidArgumentError
+from .masks import mask_mismatch
 from .params import Params
 from .utility import mean_nll
 
@@ -68,6 +69,10 @@ def keep_masked(masks) -> optax.GradientTransformation:
     `jaxprune.wanda`; a leaf may also be a plain True (never masked). Without params passed to
     ``update`` it only zeroes the updates of pruned entries."""
     masks = _as_tree(masks)
+    for path, m in jax.tree_util.tree_flatten_with_path(masks)[0]:
+        if getattr(m, "dtype", None) != jnp.bool_ and not isinstance(m, bool):
+            raise InvalidArgumentError(f"keep_masked: mask {jax.tree_util.keystr(path)} must be boolean "
+                                       f"(True = keep), got {type(m).__name__} {getattr(m, 'dtype', '')}")
 
     def init_fn(params):
         del params
@@ -75,6 +80,9 @@ def keep_masked(masks) -> optax.GradientTransformation:
 
     def update_fn(updates, state, params=None):
         tree_u = _as_tree(updates)
+        err = mask_mismatch(tree_u, masks, scalar_ok=True)   # static: shapes and dtypes only
+        if err:
+            raise InvalidArgumentError(f"keep_masked: the masks do not have the structure of the updates ({err})")
         try:
             if params is None:
                 new = jax.tree.map(lambda u, m: jnp.where(m, u, jnp.zeros_like(u)), tree_u, masks)

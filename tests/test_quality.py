@@ -22,18 +22,25 @@ def reference_calibration(tok):
 
 
 @pytest.mark.slow
-def test_smollm2_one_shot_quality_matches_the_reference(smollm2):
+@pytest.mark.parametrize("method", sorted(REFERENCE_50))
+def test_smollm2_one_shot_quality_matches_the_reference(smollm2, method):
+    """Each method within 2% of the reference implementation's perplexity. Wanda and magnitude are
+    deterministic given the calibration, so they must also not be much *better* than the reference
+    (a sign of a different protocol); with the bands, SparseGPT < Wanda < magnitude follows."""
     params, tok = smollm2
-    calib = reference_calibration(tok)
     ev = jp.eval_windows(tok, jp.bundled_text("prideprejudice"), seqlen=512, max_windows=64)
-    ppl = {
-        "magnitude": jp.perplexity(jp.apply_masks(params, jp.magnitude(params, 0.5)), ev, seqlen=512),
-        "wanda": jp.perplexity(jp.apply_masks(params, jp.wanda(params, calib, 0.5)), ev, seqlen=512),
-        "sparsegpt": jp.perplexity(jp.sparsegpt(params, calib, 0.5)[0], ev, seqlen=512),
-    }
-    for method, ref in REFERENCE_50.items():
-        assert ppl[method] <= ref * 1.02, (method, ppl[method], ref)
-    assert 26.77 < ppl["sparsegpt"] <= ppl["wanda"] < ppl["magnitude"], ppl
+    if method == "magnitude":
+        pruned = jp.apply_masks(params, jp.magnitude(params, 0.5))
+    elif method == "wanda":
+        pruned = jp.apply_masks(params, jp.wanda(params, reference_calibration(tok), 0.5))
+    else:
+        pruned = jp.sparsegpt(params, reference_calibration(tok), 0.5)[0]
+    ppl = jp.perplexity(pruned, ev, seqlen=512)
+    ref = REFERENCE_50[method]
+    assert ppl <= ref * 1.02, (method, ppl, ref)
+    if method != "sparsegpt":
+        assert ppl >= ref * 0.98, (method, ppl, ref)
+    assert ppl > 26.77, ppl                          # no pruned model beats the dense one
 
 
 def test_trained_opt_fixture_orders_methods():

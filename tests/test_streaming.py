@@ -89,7 +89,7 @@ def test_kill_and_resume_gives_the_same_files(tmp_path):
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     src = jp.save(jp.init(cfg, jax.random.key(0)), str(tmp_path / "dense"))
     np.save(tmp_path / "calib.npy", _calib(cfg))
-    for method in ("wanda", "sparsegpt"):
+    for method in ("sparsegpt",):   # weight updates change what later layers see: the harder case
         whole, cut = str(tmp_path / f"{method}-whole"), str(tmp_path / f"{method}-cut")
         r = subprocess.run([sys.executable, WORKER, "prune", src, whole, str(tmp_path / "calib.npy"), method],
                            env=_env(), capture_output=True, text=True, timeout=600)

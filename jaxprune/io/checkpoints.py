@@ -39,6 +39,7 @@ import numpy as np
 
 from ..config import config_from_hf
 from ..errors import CheckpointError, InvalidArgumentError
+from ..masks import mask_mismatch
 from ..params import Params
 
 ITEMS = ("params", "masks", "gates", "config", "metadata")
@@ -67,13 +68,10 @@ def _tree_of(x, what: str):
 
 def _check_masks(params: Params, masks) -> None:
     tree = _tree_of(masks, "masks")
-    if jax.tree.structure(tree) != jax.tree.structure(params.tree):
-        raise InvalidArgumentError("masks must be shaped like params (same tree structure); "
-                                   "pass the pytree returned by jp.wanda / jp.magnitude / jp.sparsegpt")
-    for (p, m), w in zip(jax.tree_util.tree_flatten_with_path(tree)[0], jax.tree.leaves(params.tree)):
-        if np.shape(m) != np.shape(w):
-            raise InvalidArgumentError(f"mask {jax.tree_util.keystr(p)} has shape {np.shape(m)}, "
-                                       f"the weight {np.shape(w)}")
+    err = mask_mismatch(params.tree, tree)
+    if err:
+        raise InvalidArgumentError("masks must be shaped like params (same tree structure, shapes, bool); "
+                                   f"pass the pytree returned by jp.wanda / jp.magnitude / jp.sparsegpt: {err}")
 
 
 def checkpoint_args(params: Params, masks=None, gates: dict | None = None, metadata: dict | None = None):

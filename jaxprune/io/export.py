@@ -22,6 +22,7 @@ import jax
 import numpy as np
 
 from ..errors import CheckpointError, InvalidArgumentError
+from ..masks import mask_mismatch
 from ..params import Params
 from .names import flatten_tree
 
@@ -118,10 +119,12 @@ def save(params: Params, path: str, masks: Params | None = None, tokenizer=None,
     """
     if not isinstance(params, Params):
         raise InvalidArgumentError(f"save needs jaxprune Params, got {type(params).__name__}")
-    if masks is not None and (not isinstance(masks, Params) or
-                              jax.tree.structure(masks) != jax.tree.structure(params)):
-        raise InvalidArgumentError("masks must be shaped like params (the pytree jp.wanda / jp.magnitude / "
-                                   "jp.sparsegpt return)")
+    if masks is not None:
+        err = (mask_mismatch(params, masks) if isinstance(masks, Params)
+               else f"got {type(masks).__name__}, not jaxprune Params")
+        if err:
+            raise InvalidArgumentError("masks must be shaped like params (the pytree jp.wanda / jp.magnitude / "
+                                       f"jp.sparsegpt return): {err}")
 
     def write(tmp: str) -> None:
         with open(os.path.join(tmp, "config.json"), "w") as f:
@@ -157,6 +160,8 @@ def load_masks(directory: str, params: Params | None = None) -> Params:
 
     if not os.path.isdir(directory):
         raise CheckpointError(f"{directory}: no such checkpoint directory")
+    if params is not None and not isinstance(params, Params):
+        raise InvalidArgumentError(f"load_masks: params must be jaxprune Params (or None), got {type(params).__name__}")
     config = params.config if params is not None else read_config(directory)
     tree = models.shapes(config) if params is None else jax.tree.map(np.shape, params.tree)
     masks = jax.tree.map(lambda s: np.ones(s, np.bool_), tree, is_leaf=models.is_shape)
