@@ -94,8 +94,9 @@ def main() -> None:
               "levels (13 distinct values in the first block of layer 0's up_proj, 25,842 in all its 885K "
               "weights), so a generic compressor finds redundancy in them that has nothing "
               "to do with sparsity and gzip beats packing there. On weights that were never quantized (the "
-              "random-init rows) gzip finds little beyond the zeros, and packing is smaller and needs no "
-              "decompression pass. The two compose: gzip of the packed file is the smallest in every row."]
+              "random-init rows) gzip gets about as far as packing (the zeros, plus float32 exponents that take "
+              "few values), but packed weights load directly, with no decompression pass, and the N:M layout is "
+              "the one sparse kernels read. The two compose: gzip of the packed file is the smallest in every row."]
     write_section("Compressed storage of pruned SmolLM2 (benchmarks/storage.py)", "\n".join(lines))
     print("\n".join(lines))
 
