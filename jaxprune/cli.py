@@ -213,13 +213,14 @@ def cmd_prune_streaming(args) -> int:
     sources = args.calib or list(CALIBRATION_TEXTS)
     calib = calibration_windows(tokenizer(args.model), [read_text(c) for c in sources], n=args.n_calib or 32,
                                 seqlen=args.seqlen, seed=args.seed)
+    stats = []
     prune_streaming(args.model, out, np.asarray(calib), args.method, args.sparsity, args.pattern, mode=args.mode,
-                    overwrite=args.overwrite, show_progress=args.progress)
+                    overwrite=args.overwrite, show_progress=args.progress, statistics=stats)
     seconds = time.perf_counter() - t
     report = {"model": args.model, "method": args.method, "pattern": args.pattern or "unstructured",
               "sparsity": args.sparsity, "mode": args.mode, "streamed": True, "seed": args.seed,
               "calibration": {"sources": sources, "n": int(calib.shape[0]), "seqlen": args.seqlen},
-              "timings": {"prune_s": seconds}, "versions": _versions()}
+              "timings": {"prune_s": seconds}, "versions": _versions(), "layer_statistics": stats}
     with open(os.path.join(out, "report.json"), "w") as f:
         json.dump(report, f, indent=2)
     print(f"wrote {out} (Hugging Face checkpoint, masks, report.json) in {seconds:.1f}s")

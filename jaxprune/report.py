@@ -34,24 +34,46 @@ import numpy as np
 from .errors import CheckpointError, InvalidArgumentError
 
 
+def row_chunks(w, keep, rows: int = 256):
+    """(weight rows, mask rows) pairs, `rows` at a time, for `module_statistics`."""
+    w, keep = np.asarray(w), np.asarray(keep, bool)
+    for r in range(0, w.shape[0], rows):
+        yield w[r:r + rows], keep[r:r + rows]
+
+
+def module_statistics(chunks) -> tuple[dict, int, int]:
+    """One weight's {"sparsity", "norm_removed"} (`||W * ~M||^2 / ||W||^2`), its size and its zeros,
+    from (weight rows, mask rows) chunks, so a float32 copy of a large weight is never held whole."""
+    total = removed = 0.0
+    size = zeros = 0
+    for w, keep in chunks:
+        sq = np.square(np.asarray(w, np.float32))
+        total += float(np.sum(sq))
+        removed += float(np.sum(sq, where=~keep))
+        size += keep.size
+        zeros += int(keep.size - np.count_nonzero(keep))
+    stats = {"sparsity": zeros / size if size else 0.0, "norm_removed": removed / total if total else 0.0}
+    return stats, size, zeros
+
+
+def layer_row(i: int, modules: dict, size: int, zeros: int) -> dict:
+    """One entry of `layer_statistics`."""
+    return {"layer": i, "sparsity": zeros / max(size, 1), "modules": modules}
+
+
 def layer_statistics(params, masks) -> list[dict]:
     """Per decoder layer: overall sparsity and, per linear module, its sparsity and the fraction of
-    the weight's squared norm that the mask removes (`||W * ~M||^2 / ||W||^2`)."""
+    the weight's squared norm that the mask removes (`||W * ~M||^2 / ||W||^2`), W the dense weight."""
     rows = []
     for i, (lp, lm) in enumerate(zip(params["layers"], masks["layers"])):
         modules, size, zeros = {}, 0, 0
         for path, w in jax.tree_util.tree_flatten_with_path(lp)[0]:
             if path[-1].key != "kernel":
                 continue
-            m = np.asarray(_get(lm, path), bool)
-            w = np.asarray(w, np.float32)
-            total = float(np.sum(w * w))
             name = ".".join(k.key for k in path[:-1])
-            modules[name] = {"sparsity": float(1 - m.mean()),
-                             "norm_removed": float(np.sum(np.where(m, 0, w * w)) / total) if total else 0.0}
-            size += m.size
-            zeros += int(m.size - np.count_nonzero(m))
-        rows.append({"layer": i, "sparsity": zeros / max(size, 1), "modules": modules})
+            modules[name], n, z = module_statistics(row_chunks(w, _get(lm, path)))
+            size, zeros = size + n, zeros + z
+        rows.append(layer_row(i, modules, size, zeros))
     return rows
 
 

@@ -223,7 +223,7 @@ def prune_streaming(source: str, out: str, calib, method: str = "wanda", sparsit
                     pattern=None, *, mode: str = "sequential", batch_size: int = 8, blocksize: int = 128,
                     percdamp: float = 0.01, compute_dtype=jnp.float32, overwrite: bool = False,
                     low_memory: bool | None = None, show_progress=None,
-                    on_layer: Callable[[int], None] | None = None) -> str:
+                    on_layer: Callable[[int], None] | None = None, statistics: list | None = None) -> str:
     """Prune the checkpoint directory `source` into `out`, one layer in memory at a time.
 
     Args:
@@ -239,6 +239,8 @@ def prune_streaming(source: str, out: str, calib, method: str = "wanda", sparsit
         ever held twice (`calibration.LayerPruner(jit_passes=False)`); default: for layers above
         `LOW_MEMORY_LAYER_BYTES` (64 MiB). Smaller layers use the faster whole-layer jitted passes.
       on_layer: called with the layer index after each layer is committed.
+      statistics: a list that receives `jaxprune.report.layer_statistics`' rows (per layer:
+        sparsity and weight norm removed per module), kept across a resume.
 
     Returns:
       `out`. A run interrupted for any reason resumes from ``out + ".partial"`` when called
@@ -313,6 +315,7 @@ def prune_streaming(source: str, out: str, calib, method: str = "wanda", sparsit
         names = _write_layer(new_lp, i, config.arch, os.path.join(work, files[i]), stored)
         state["names"].update({n: files[i] for n in names})
         del new_lp
+        state.setdefault("statistics", []).append(_layer_statistics(locations, config, i, packed))
         mtree = {}
         for path, (shape, bits) in packed.items():
             node = mtree
@@ -333,6 +336,8 @@ def prune_streaming(source: str, out: str, calib, method: str = "wanda", sparsit
             on_layer(i)
 
     _finish(source, work, config, state["names"], state["masks"])
+    if statistics is not None:
+        statistics.extend(state.get("statistics", []))
     for f in ("state.json", "activations.npy"):
         os.remove(os.path.join(work, f))
     if os.path.exists(out):
@@ -343,6 +348,37 @@ def prune_streaming(source: str, out: str, calib, method: str = "wanda", sparsit
     else:
         os.rename(work, out)
     return out
+
+
+def _layer_statistics(locations: dict, config, i: int, packed: dict, chunk_bytes: int = 4 << 20) -> dict:
+    """`report.layer_statistics`' row for layer i: its masks against the dense weights, read back
+    from the source a few rows at a time (the pruned layer's buffers were donated)."""
+    from .report import layer_row, module_statistics
+    mine = {k: v for k, v in locations.items() if _layer_of(k, config.arch) == i}
+    lazy = build_tree(mine, config.arch, lambda loc, t: (loc, t))["layers"][i]
+
+    def chunks(fname, loc, transpose, keep):
+        dtype, shape, offset = loc          # as stored: [out, in] for a kernel, whose mask is [in, out]
+        keep = keep.T if transpose else keep
+        step = max(1, chunk_bytes // max(1, int(np.prod(shape[1:])) * np.dtype(dtype).itemsize))
+        row_bytes = int(np.prod(shape[1:])) * np.dtype(dtype).itemsize
+        for r in range(0, shape[0], step):
+            k = min(step, shape[0] - r)
+            mm = np.memmap(fname, dtype=dtype, mode="r", offset=offset + r * row_bytes, shape=(k,) + tuple(shape[1:]))
+            yield np.array(mm, np.float32), keep[r:r + k]
+            del mm
+
+    modules, size, zeros = {}, 0, 0
+    for path in sorted(packed):
+        node = lazy
+        for k in path:
+            node = node[k]
+        (fname, loc), transpose = node["kernel"]
+        shape, bits = packed[path]
+        keep = np.unpackbits(bits, count=int(np.prod(shape))).view(bool).reshape(shape)
+        modules[".".join(path)], n, z = module_statistics(chunks(fname, loc, transpose, keep))
+        size, zeros = size + n, zeros + z
+    return layer_row(i, modules, size, zeros)
 
 
 def _linear_paths(lp: dict) -> list[tuple]:

@@ -171,6 +171,15 @@ def test_prune_stream_equals_in_memory_masks(opt_dir, tmp_path, capsys):
                 + common) == 0
     report = json.loads((tmp_path / "s" / "report.json").read_text())
     assert report["streamed"] and report["method"] == "wanda"
+    in_memory = json.loads((tmp_path / "m" / "report.json").read_text())["layer_statistics"]
+    assert [r["layer"] for r in report["layer_statistics"]] == [r["layer"] for r in in_memory]
+    for a, b in zip(report["layer_statistics"], in_memory):     # streamed stats == in-memory ones
+        assert a["modules"].keys() == b["modules"].keys()
+        assert a["sparsity"] == pytest.approx(b["sparsity"])
+        for name in a["modules"]:
+            assert a["modules"][name] == pytest.approx(b["modules"][name], rel=1e-5), name
+    assert main(["report", str(tmp_path / "s")]) == 0                  # a streamed run has per-layer plots too
+    assert (tmp_path / "s" / "report" / "layers.png").stat().st_size > 0
     params = jp.load(str(tmp_path / "m"))
     for a, b in zip(jax.tree.leaves(load_masks(str(tmp_path / "m"), params)),
                     jax.tree.leaves(load_masks(str(tmp_path / "s")))):

@@ -107,10 +107,12 @@ def test_kill_and_resume_gives_the_same_files(tmp_path):
         with open(os.path.join(cut + ".partial", "state.json")) as f:
             assert json.load(f)["done"] == 2          # layers 0 and 1 finished, the rest not started
         assert not os.path.exists(cut)
-        resumed_layers = []
+        resumed_layers, stats = [], []
         streaming.prune_streaming(src, cut, np.load(tmp_path / "calib.npy"), method, 0.5, blocksize=32,
-                                  show_progress=False, on_layer=resumed_layers.append)
+                                  show_progress=False, on_layer=resumed_layers.append, statistics=stats)
         assert resumed_layers == [2, 3, 4]            # it continued; it did not start over
+        assert [r["layer"] for r in stats] == [0, 1, 2, 3, 4]   # statistics of the killed run's layers kept
+        assert all(r["sparsity"] == pytest.approx(0.5) for r in stats)
         a, b = _tensors(whole), _tensors(cut)
         assert a.keys() == b.keys()
         for k in a:
