@@ -23,3 +23,17 @@ class UnsupportedModelError(JaxpruneError, ValueError):
 
 class DataError(JaxpruneError, ValueError):
     """Text or token data is empty, too short or unreadable."""
+
+
+def check_int(name: str, value, low: int = 1) -> int:
+    """`value` as an int if it is an integer (not a bool) >= `low`, else InvalidArgumentError.
+
+    Example:
+        >>> check_int("batch_size", 8)
+        8
+    """
+    import numpy as np
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        what = "a positive integer" if low == 1 else f"an integer >= {low}"
+        raise InvalidArgumentError(f"{name} must be {what}, got {value!r}")
+    return int(value)

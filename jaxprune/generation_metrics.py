@@ -31,8 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .errors import InvalidArgumentError
-from .harness import _check_batch_size, _check_params, _check_tokenizer, eos_token_ids, generate_ids, length_bucket
+from .errors import InvalidArgumentError, check_int
+from .harness import _check_params, _check_tokenizer, eos_token_ids, generate_ids, length_bucket
 from .harness import model_max_length, prefix_token_id
 from .models import hidden_states
 from .params import Params
@@ -119,7 +119,7 @@ def hidden_state_embedder(params: Params, tok, max_length: int = 256, batch_size
     """
     _check_params(params, gates)
     _check_tokenizer(tok, decode=False)
-    batch_size = _check_batch_size(batch_size)
+    batch_size = check_int("batch_size", batch_size)
     L = model_max_length(params, max_length)
 
     def embed(texts) -> np.ndarray:

@@ -48,7 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .errors import InvalidArgumentError
+from .errors import InvalidArgumentError, check_int
 from .models import _forward
 from .models import gates as gates_lib
 from .params import Params
@@ -170,12 +170,6 @@ def model_max_length(params: Params, max_length: int | None = None) -> int:
     return int(max_length)
 
 
-def _check_batch_size(batch_size):
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise InvalidArgumentError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    return int(batch_size)
-
-
 # --------------------------------------------------------------------------- loglikelihood
 
 
@@ -214,7 +208,7 @@ def score_pairs(params: Params, pairs, batch_size: int = 8, max_length: int | No
         True
     """
     _check_params(params, gates)
-    batch_size = _check_batch_size(batch_size)
+    batch_size = check_int("batch_size", batch_size)
     L = model_max_length(params, max_length)
     vocab = params.config.vocab_size
     rows = []                                     # (input ids, target ids, n continuation tokens)
@@ -385,7 +379,7 @@ def generate_ids(params: Params, prompts, max_new_tokens: int, stop_token_ids=()
         [5, 5]
     """
     _check_params(params, gates)
-    batch_size = _check_batch_size(batch_size)
+    batch_size = check_int("batch_size", batch_size)
     L = model_max_length(params, max_length)
     if isinstance(max_new_tokens, bool) or int(max_new_tokens) != max_new_tokens or max_new_tokens < 1:
         raise InvalidArgumentError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
@@ -551,9 +545,9 @@ def _lm_class():
             if batch_size == "auto" or (isinstance(batch_size, str) and batch_size.startswith("auto")):
                 raise InvalidArgumentError("batch_size='auto' is not supported; pass an integer")
             self.params, self.tokenizer, self.gates = params, _check_tokenizer(tokenizer), gates
-            self.batch_size = _check_batch_size(int(batch_size) if isinstance(batch_size, str) else batch_size)
+            self.batch_size = check_int("batch_size", int(batch_size) if isinstance(batch_size, str) else batch_size)
             self.max_length = model_max_length(params, max_length)
-            self._max_gen_toks = _check_batch_size(max_gen_toks)
+            self._max_gen_toks = check_int("max_gen_toks", max_gen_toks)
             self.max_batch_tokens = int(max_batch_tokens)
 
         @classmethod

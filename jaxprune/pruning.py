@@ -23,7 +23,7 @@ import numpy as np
 
 from . import criteria
 from .calibration import path_key, plain_path, run_layerwise
-from .errors import DataError, InvalidArgumentError
+from .errors import DataError, InvalidArgumentError, check_int
 from .masks import check_sparsity, full_masks, global_masks, group_size, n_pruned, parse_pattern, select_count
 from .params import Params, get_path, set_path
 from .sparsegpt import block_counts, solve
@@ -133,11 +133,6 @@ def _layer_sparsities(params: Params, sparsity: float, per_layer) -> list[float]
     if len(per_layer) != L:
         raise InvalidArgumentError(f"per-layer sparsities have {len(per_layer)} entries for {L} layers")
     return per_layer
-
-
-def _check_batch_size(batch_size) -> None:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise InvalidArgumentError(f"batch_size must be a positive integer, got {batch_size!r}")
 
 
 def _assemble(params: Params, layer_masks, new_layers=None):
@@ -298,7 +293,7 @@ def wanda(params: Params, calib, sparsity: float = 0.5, pattern=None, scope: str
         raise InvalidArgumentError("wanda compares within rows or layers; use scope='row' or 'layer'")
     _check_layer_only(paths, "wanda")
     sparsities = _layer_sparsities(params, sparsity, per_layer_sparsity)
-    _check_batch_size(batch_size)
+    check_int("batch_size", batch_size)
     prune_dense = _wanda_dense(nm, scope)
     if isinstance(calib, dict):
         return _assemble(params, _from_stats(params, calib, paths, prune_dense, sparsities, "sumsq"))
@@ -330,8 +325,7 @@ def sparsegpt(params: Params, calib, sparsity: float = 0.5, pattern=None, mode: 
         return _user(params, calib, "sparsegpt", sparsity, pattern, "layer", apply_fn, prunable,
                      blocksize=blocksize, percdamp=percdamp)
     sparsity, nm, prunable, paths = _validate(params, sparsity, pattern, "layer", prunable)
-    if isinstance(blocksize, bool) or not isinstance(blocksize, (int, np.integer)) or blocksize < 1:
-        raise InvalidArgumentError(f"blocksize must be a positive integer, got {blocksize!r}")
+    check_int("blocksize", blocksize)
     if nm and blocksize % nm[1]:
         raise InvalidArgumentError(f"blocksize={blocksize} must be a multiple of M={nm[1]}")
     if isinstance(percdamp, bool) or not isinstance(percdamp, (int, float, np.integer, np.floating)) \
@@ -339,7 +333,7 @@ def sparsegpt(params: Params, calib, sparsity: float = 0.5, pattern=None, mode: 
         raise InvalidArgumentError(f"percdamp must lie in [0, 1), got {percdamp}")
     _check_layer_only(paths, "sparsegpt")
     sparsities = _layer_sparsities(params, sparsity, per_layer_sparsity)
-    _check_batch_size(batch_size)
+    check_int("batch_size", batch_size)
     prune_dense = _sparsegpt_dense(nm, blocksize, percdamp)
     if isinstance(calib, dict):
         layers, layer_masks = _from_stats(params, calib, paths, prune_dense, sparsities, "hessian", updates=True)

@@ -360,8 +360,8 @@ def _layer_statistics(locations: dict, config, i: int, packed: dict, chunk_bytes
     def chunks(fname, loc, transpose, keep):
         dtype, shape, offset = loc          # as stored: [out, in] for a kernel, whose mask is [in, out]
         keep = keep.T if transpose else keep
-        step = max(1, chunk_bytes // max(1, int(np.prod(shape[1:])) * np.dtype(dtype).itemsize))
         row_bytes = int(np.prod(shape[1:])) * np.dtype(dtype).itemsize
+        step = max(1, chunk_bytes // max(1, row_bytes))
         for r in range(0, shape[0], step):
             k = min(step, shape[0] - r)
             mm = np.memmap(fname, dtype=dtype, mode="r", offset=offset + r * row_bytes, shape=(k,) + tuple(shape[1:]))

@@ -67,7 +67,7 @@ import re
 import numpy as np
 
 from .data import EVALUATION_TEXT, bundled_text
-from .errors import DataError, InvalidArgumentError
+from .errors import DataError, InvalidArgumentError, check_int
 from .harness import _check_tokenizer, encode_pair, score_pairs
 
 STOPWORDS = frozenset("""
@@ -162,12 +162,6 @@ def _nwords(s: str) -> int:
     return len(s.split())
 
 
-def _check_int(name, value, low):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise InvalidArgumentError(f"{name} must be an integer >= {low}, got {value!r}")
-    return int(value)
-
-
 def _draw(candidates: list, n: int, seed, what: str) -> list:
     if len(candidates) < n:
         raise DataError(f"the text yields only {len(candidates)} {what} examples, fewer than n={n}")
@@ -212,7 +206,7 @@ def last_word_task(text: str | None = None, n: int = 100, context_words: int = 5
         >>> ex = last_word_task(n=3)                                # doctest: +SKIP
         >>> ex[0].context[-40:], ex[0].target                       # doctest: +SKIP
     """
-    n, context_words = _check_int("n", n, 1), _check_int("context_words", context_words, 1)
+    n, context_words = check_int("n", n, 1), check_int("context_words", context_words, 1)
     sents = _sentences(text)
     found = []
     gen = _passages(sents, context_words)
@@ -296,11 +290,11 @@ def continuation_task(text: str | None = None, n: int = 100, n_choices: int = 4,
         >>> len(ex), len(ex[0].choices)
         (2, 4)
     """
-    n = _check_int("n", n, 1)
-    n_choices = _check_int("n_choices", n_choices, 2)
-    c = _check_int("context_sentences", context_sentences, 1)
-    min_words = _check_int("min_words", min_words, 1)
-    max_words = _check_int("max_words", max_words, min_words)
+    n = check_int("n", n, 1)
+    n_choices = check_int("n_choices", n_choices, 2)
+    c = check_int("context_sentences", context_sentences, 1)
+    min_words = check_int("min_words", min_words, 1)
+    max_words = check_int("max_words", max_words, min_words)
     sents = _sentences(text)
     ok = [min_words <= _nwords(s) <= max_words for _, s in sents]
     windows, i = [], 0
@@ -400,8 +394,8 @@ def generation_task(text: str | None = None, n: int = 16, context_words: int = 6
         >>> [len(e.reference.split()) for e in ex]
         [8, 8]
     """
-    n, context_words = _check_int("n", n, 1), _check_int("context_words", context_words, 1)
-    reference_words = _check_int("reference_words", reference_words, 1)
+    n, context_words = check_int("n", n, 1), check_int("context_words", context_words, 1)
+    reference_words = check_int("reference_words", reference_words, 1)
     sents = _sentences(text)
     found = []
     gen = _passages(sents, context_words)
