@@ -264,6 +264,16 @@ def mask_mismatch(params, masks, scalar_ok: bool = False) -> str | None:
     return None
 
 
+def check_masks_like(params, masks) -> None:
+    """InvalidArgumentError unless `masks` is a boolean pytree of the same kind and shapes as `params`
+    (what the writers `jp.save`, `jp.save_compressed` and `jp.save_checkpoint` accept)."""
+    err = (f"got {type(masks).__name__}, not {type(params).__name__}" if type(masks) is not type(params)
+           else mask_mismatch(params, masks))
+    if err:
+        raise InvalidArgumentError("masks must be shaped like params (the pytree jp.wanda / jp.magnitude / "
+                                   f"jp.sparsegpt return): {err}")
+
+
 def apply_masks(params, masks):
     """Zero every pruned weight: `where(mask, param, 0)` leaf by leaf. Idempotent.
 

@@ -39,7 +39,7 @@ import numpy as np
 
 from ..config import config_from_hf
 from ..errors import CheckpointError, InvalidArgumentError
-from ..masks import mask_mismatch
+from ..masks import check_masks_like
 from ..params import Params
 
 ITEMS = ("params", "masks", "gates", "config", "metadata")
@@ -67,11 +67,7 @@ def _tree_of(x, what: str):
 
 
 def _check_masks(params: Params, masks) -> None:
-    tree = _tree_of(masks, "masks")
-    err = mask_mismatch(params.tree, tree)
-    if err:
-        raise InvalidArgumentError("masks must be shaped like params (same tree structure, shapes, bool); "
-                                   f"pass the pytree returned by jp.wanda / jp.magnitude / jp.sparsegpt: {err}")
+    check_masks_like(params.tree, _tree_of(masks, "masks"))
 
 
 def checkpoint_args(params: Params, masks=None, gates: dict | None = None, metadata: dict | None = None):

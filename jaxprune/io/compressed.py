@@ -43,7 +43,7 @@ import jax
 import numpy as np
 
 from ..errors import CheckpointError, InvalidArgumentError
-from ..masks import mask_mismatch
+from ..masks import check_masks_like
 from ..params import Params
 from .names import flatten_tree, hf_to_path
 from .safetensors import open_safetensors, read_metadata, write_safetensors
@@ -158,10 +158,7 @@ def _masks_by_name(params: Params, masks) -> dict[str, np.ndarray]:
     if masks is None:
         return {name: (w != 0) for name, (path, w) in _hf_named(params).items()
                 if path[0] == "layers" and path[-1] == "kernel"}
-    err = mask_mismatch(params, masks) if isinstance(masks, Params) else f"got {type(masks).__name__}, not jaxprune Params"
-    if err:
-        raise InvalidArgumentError("masks must be shaped like params (the pytree jp.wanda / jp.magnitude / "
-                                   f"jp.sparsegpt return): {err}")
+    check_masks_like(params, masks)
     out = {}
     for name, (path, m) in _hf_named(masks).items():
         out[name] = np.asarray(m).astype(bool)

@@ -22,7 +22,7 @@ import jax
 import numpy as np
 
 from ..errors import CheckpointError, InvalidArgumentError
-from ..masks import mask_mismatch
+from ..masks import check_masks_like
 from ..params import Params
 from .names import flatten_tree
 
@@ -120,11 +120,7 @@ def save(params: Params, path: str, masks: Params | None = None, tokenizer=None,
     if not isinstance(params, Params):
         raise InvalidArgumentError(f"save needs jaxprune Params, got {type(params).__name__}")
     if masks is not None:
-        err = (mask_mismatch(params, masks) if isinstance(masks, Params)
-               else f"got {type(masks).__name__}, not jaxprune Params")
-        if err:
-            raise InvalidArgumentError("masks must be shaped like params (the pytree jp.wanda / jp.magnitude / "
-                                       f"jp.sparsegpt return): {err}")
+        check_masks_like(params, masks)
 
     def write(tmp: str) -> None:
         with open(os.path.join(tmp, "config.json"), "w") as f:
