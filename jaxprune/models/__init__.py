@@ -24,6 +24,7 @@ from ..errors import InvalidArgumentError
 from ..params import Params
 from . import gates as gates_lib
 from . import llama, opt
+from .layout import Layout, Linear, Norm, layout_of
 
 FAMILIES = {"llama": llama, "opt": opt}
 

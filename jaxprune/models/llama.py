@@ -21,6 +21,7 @@ import numpy as np
 from ..config import LlamaConfig
 from . import gates as G
 from .layers import RMSNorm, apply_rope, causal_attention, rope_inv_freq, rope_tables
+from .layout import Layout, Linear, Norm, register
 
 
 class LlamaAttention(nn.Module):
@@ -172,3 +173,29 @@ def per_layer_dims(config: LlamaConfig) -> list[dict]:
         return [dict(d) for d in config.layer_shapes]
     return [{"n_heads": config.num_attention_heads, "n_kv": config.num_key_value_heads,
              "ffn_dim": config.intermediate_size}] * config.num_hidden_layers
+
+
+def _llama_linears():
+    a, m = "attn", "mlp"
+    return (Linear(("self_attn", "q_proj"), a, ("hidden", "heads"), "attn_q"),
+            Linear(("self_attn", "k_proj"), a, ("hidden", "groups"), "attn_k"),
+            Linear(("self_attn", "v_proj"), a, ("hidden", "groups"), "attn_v"),
+            Linear(("self_attn", "o_proj"), a, ("heads", "hidden"), "attn_output"),
+            Linear(("mlp", "gate_proj"), m, ("hidden", "ffn"), "ffn_gate"),
+            Linear(("mlp", "up_proj"), m, ("hidden", "ffn"), "ffn_up"),
+            Linear(("mlp", "down_proj"), m, ("ffn", "hidden"), "ffn_down"))
+
+
+LAYOUT = register(Layout(
+    name="llama",
+    linears=_llama_linears(),
+    norms=(Norm(("input_layernorm",), "attn", gguf="attn_norm"),
+           Norm(("post_attention_layernorm",), "mlp", gguf="ffn_norm")),
+    top={"embed_tokens": ("vocab", "hidden"), "norm": ("hidden",), "lm_head": ("hidden", "vocab")},
+    embeddings=("embed_tokens", "lm_head"),
+    hf_prefix="model.",
+    config_widths={"heads": "num_attention_heads", "kv_heads": "num_key_value_heads", "ffn": "intermediate_size"},
+    gguf_arch="llama",
+    gguf_top={"token_embd": "embed_tokens", "output_norm": "norm", "output": "lm_head"},
+    gguf_rotary={("self_attn", "q_proj"): "num_attention_heads", ("self_attn", "k_proj"): "num_key_value_heads"},
+))

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from ..config import OPTConfig
 from . import gates as G
 from .layers import LayerNorm, causal_attention
+from .layout import Layout, Linear, Norm, register
 
 _ACT = {"relu": jax.nn.relu, "gelu": lambda x: jax.nn.gelu(x, approximate=False),
         "gelu_new": lambda x: jax.nn.gelu(x, approximate=True)}
@@ -150,3 +151,21 @@ def per_layer_dims(config: OPTConfig) -> list[dict]:
     if config.layer_shapes is not None:
         return [dict(d) for d in config.layer_shapes]
     return [{"n_heads": config.num_attention_heads, "ffn_dim": config.ffn_dim}] * config.num_hidden_layers
+
+
+LAYOUT = register(Layout(
+    name="opt",
+    linears=(Linear(("self_attn", "q_proj"), "attn", ("hidden", "heads")),
+             Linear(("self_attn", "k_proj"), "attn", ("hidden", "groups")),
+             Linear(("self_attn", "v_proj"), "attn", ("hidden", "groups")),
+             Linear(("self_attn", "out_proj"), "attn", ("heads", "hidden")),
+             Linear(("fc1",), "mlp", ("hidden", "ffn")),
+             Linear(("fc2",), "mlp", ("ffn", "hidden"))),
+    norms=(Norm(("self_attn_layer_norm",), "attn"), Norm(("final_layer_norm",), "mlp")),
+    top={"embed_tokens": ("vocab", "hidden"), "embed_positions": ("positions", "hidden"),
+         "project_in": ("fixed", "hidden"), "project_out": ("hidden", "fixed"), "final_layer_norm": ("hidden",)},
+    embeddings=("embed_tokens", "embed_positions", "lm_head"),
+    hf_prefix="model.decoder.",
+    hf_tied_head=True,
+    config_widths={"heads": "num_attention_heads", "kv_heads": None, "ffn": "ffn_dim"},
+))
