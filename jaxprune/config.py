@@ -20,13 +20,16 @@ from typing import Any
 from .errors import UnsupportedModelError, InvalidArgumentError
 
 
-def _freeze(value):
+def freeze(value):
     """Dicts become sorted item tuples so configs stay hashable."""
     if isinstance(value, dict):
-        return tuple(sorted((k, _freeze(v)) for k, v in value.items()))
+        return tuple(sorted((k, freeze(v)) for k, v in value.items()))
     if isinstance(value, list):
-        return tuple(_freeze(v) for v in value)
+        return tuple(freeze(v) for v in value)
     return value
+
+
+_freeze = freeze
 
 
 def _thaw(value):
@@ -50,6 +53,48 @@ def _check_layer_shapes(layer_shapes) -> None:
                 raise InvalidArgumentError(
                     f"layer_shapes[{i}]: kv_groups {tuple(groups)} must be {d['n_kv']} positive "
                     f"query-head counts summing to n_heads={d['n_heads']}")
+
+
+LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def check_layer_types(config) -> None:
+    """`layer_types` (None or a tuple): one known type per layer."""
+    types = config.layer_types
+    if types is None:
+        return
+    if len(types) != config.num_hidden_layers:
+        raise InvalidArgumentError(f"layer_types has {len(types)} entries for num_hidden_layers="
+                                   f"{config.num_hidden_layers}")
+    unknown = sorted(set(types) - set(LAYER_TYPES))
+    if unknown:
+        raise UnsupportedModelError(f"layer types {unknown} are not supported (supported: {', '.join(LAYER_TYPES)})")
+
+
+def rope_from_hf(scaling: dict | None, theta: float | None, params: dict | None = None) -> tuple:
+    """(theta, scaling dict or None) from HF's legacy `rope_scaling`/`rope_theta` or from one
+    transformers-5 `rope_parameters` dict (``rope_type``, ``rope_theta``, scaling keys)."""
+    rope = scaling or None
+    if isinstance(params, dict):
+        theta = params.get("rope_theta", theta)
+        if params.get("rope_type", params.get("type", "default")) != "default":
+            rope = {k: v for k, v in params.items() if k != "rope_theta"}
+    if rope is not None:
+        rope = dict(rope)
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "llama3", "linear"):
+            raise UnsupportedModelError(f"rope scaling type {rope_type!r} is not supported "
+                                        "(supported: default, linear, llama3)")
+        rope["rope_type"] = rope_type
+        rope.pop("type", None)
+        if rope_type == "default":
+            rope = None
+    return theta, rope
+
+
+def rope_to_hf(theta: float, rope: dict | None) -> dict:
+    """A transformers-5 `rope_parameters` dict."""
+    return {"rope_type": "default", **(rope or {}), "rope_theta": theta}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,8 +133,9 @@ class LlamaConfig:
             raise InvalidArgumentError(
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                 f"num_key_value_heads={self.num_key_value_heads}")
-        if self.hidden_act not in ("silu", "swish"):
-            raise UnsupportedModelError(f"Llama hidden_act {self.hidden_act!r} is not supported (only silu)")
+        if self.hidden_act not in self.activations:
+            raise UnsupportedModelError(f"{type(self).__name__}: hidden_act {self.hidden_act!r} is not supported "
+                                        f"(supported: {', '.join(self.activations)})")
         _check_layer_shapes(self.layer_shapes)
 
     def kv_groups_of(self, i: int) -> tuple | None:
@@ -112,27 +158,69 @@ class LlamaConfig:
     def rope(self) -> dict | None:
         return _thaw(self.rope_scaling) if self.rope_scaling else None
 
+    # ---- decoder options read by the shared decoder (`jaxprune.models.llama`); other families
+    # (Gemma, Qwen, Mistral: subclasses in `jaxprune.models`) override them ----
+    activations = ("silu", "swish")  # accepted `hidden_act` values
+    qk_norm = False                  # RMSNorm over head_dim on queries and keys before RoPE
+    norm_offset = 0.0                # every RMSNorm multiplies by (norm_offset + scale)
+    sandwich_norms = False           # Gemma: norms on both sublayers' inputs and outputs
+
+    @property
+    def qkv_bias(self) -> bool:
+        return self.attention_bias
+
+    @property
+    def o_bias(self) -> bool:
+        return self.attention_bias
+
+    @property
+    def query_scale(self) -> float:
+        """Multiplier of the queries (attention logits)."""
+        return self.head_dim ** -0.5
+
+    @property
+    def attn_softcap(self) -> float | None:
+        """Attention logits become ``tanh(s / cap) * cap`` (None: no capping)."""
+        return None
+
+    @property
+    def final_softcap(self) -> float | None:
+        return None
+
+    @property
+    def embed_multiplier(self) -> float | None:
+        """Multiplier of the token embeddings (None: none)."""
+        return None
+
+    def layer_type(self, i: int) -> str:
+        """``"full_attention"`` or ``"sliding_attention"`` for layer `i` (transformers' `layer_types`)."""
+        return "full_attention"
+
+    @property
+    def attention_kinds(self) -> tuple:
+        """The distinct layer types, in order of first use."""
+        return tuple(dict.fromkeys(self.layer_type(i) for i in range(self.num_hidden_layers)))
+
+    def window_for(self, layer_type: str) -> int | None:
+        """The sliding window of layers of `layer_type`: a query at t sees keys in (t - window, t]."""
+        return None
+
+    def rope_for(self, layer_type: str) -> tuple:
+        """(rope theta, scaling dict or None) of layers of `layer_type`."""
+        return self.rope_theta, self.rope
+
     @classmethod
     def from_hf(cls, d: dict[str, Any]) -> "LlamaConfig":
-        rope = d.get("rope_scaling") or None
-        theta = d.get("rope_theta")
+        return cls(**cls._hf_kwargs(d))
+
+    @classmethod
+    def _hf_kwargs(cls, d: dict[str, Any]) -> dict[str, Any]:
+        """Constructor arguments from an HF config dict (subclasses add their fields)."""
         params = d.get("rope_parameters")  # transformers >= 5 spelling
-        if isinstance(params, dict):
-            theta = params.get("rope_theta", theta)
-            if params.get("rope_type", "default") != "default":
-                rope = {k: v for k, v in params.items() if k != "rope_theta"}
-        if rope is not None:
-            rope = dict(rope)
-            rope_type = rope.get("rope_type", rope.get("type", "default"))
-            if rope_type not in ("default", "llama3", "linear"):
-                raise UnsupportedModelError(f"rope scaling type {rope_type!r} is not supported "
-                                            "(supported: default, linear, llama3)")
-            rope["rope_type"] = rope_type
-            rope.pop("type", None)
-            if rope_type == "default":
-                rope = None
+        theta, rope = rope_from_hf(d.get("rope_scaling"), d.get("rope_theta"),
+                                   params if isinstance(params, dict) and "full_attention" not in params else None)
         eos = d.get("eos_token_id", 2)
-        return cls(
+        return dict(
             vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
             intermediate_size=d["intermediate_size"], num_hidden_layers=d["num_hidden_layers"],
             num_attention_heads=d["num_attention_heads"],
@@ -265,16 +353,30 @@ class OPTConfig:
 
 ModelConfig = LlamaConfig | OPTConfig
 
-_BY_MODEL_TYPE = {"llama": LlamaConfig, "opt": OPTConfig, "smollm": LlamaConfig}
+_BY_MODEL_TYPE: dict[str, type] = {}
+
+
+def register_config(cls, *model_types: str):
+    """Make `config_from_hf` build `cls` (via ``cls.from_hf``) for these HF `model_type` values."""
+    for t in model_types:
+        _BY_MODEL_TYPE[t] = cls
+    return cls
+
+
+register_config(LlamaConfig, "llama", "smollm")
+register_config(OPTConfig, "opt")
 
 
 def config_from_hf(d: dict[str, Any], source: str = "config.json") -> ModelConfig:
     """Build a config from a parsed HF `config.json`, rejecting unknown architectures."""
+    from . import models  # noqa: F401  (importing the model families registers their model types)
     model_type = d.get("model_type")
     archs = d.get("architectures") or []
     if model_type not in _BY_MODEL_TYPE:
+        hint = " (only the text model is supported: model_type 'gemma3_text', Gemma3ForCausalLM)" \
+            if model_type == "gemma3" else ""
         raise UnsupportedModelError(
-            f"{source}: model_type {model_type!r} (architectures {archs}) is not supported; "
+            f"{source}: model_type {model_type!r} (architectures {archs}) is not supported{hint}; "
             f"jaxprune implements: {sorted(set(_BY_MODEL_TYPE) - {'smollm'})}")
     try:
         return _BY_MODEL_TYPE[model_type].from_hf(d)

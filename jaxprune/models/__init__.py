@@ -26,6 +26,7 @@ from . import gates as gates_lib
 from . import llama, opt
 from .layout import Layout, Linear, Norm, layout_of
 
+# arch -> module with embed, layer, unembed, shapes, per_layer_dims, layer_dims
 FAMILIES = {"llama": llama, "opt": opt}
 
 
@@ -67,12 +68,21 @@ def embed(params: Params, tokens, gates=None):
 def layer(params: Params, i: int, x, ctx, gates=None):
     """Apply decoder layer `i` to hidden states x [B, T, D]."""
     cfg = params.config
-    return family(cfg).layer(cfg, params.tree["layers"][i], x, ctx, gates_lib.layer_gates(gates, i), kv_groups(cfg, i))
+    kw = {} if layer_type(cfg, i) is None else {"layer_type": layer_type(cfg, i)}
+    return family(cfg).layer(cfg, params.tree["layers"][i], x, ctx, gates_lib.layer_gates(gates, i),
+                             kv_groups(cfg, i), **kw)
 
 
 def kv_groups(config, i: int):
     """Layer i's unequal K/V grouping (static: query heads per K/V head), or None."""
     return config.kv_groups_of(i) if hasattr(config, "kv_groups_of") else None
+
+
+def layer_type(config, i: int):
+    """Layer i's type (static: ``"full_attention"`` or ``"sliding_attention"``), or None for
+    families without layer types (OPT). Llama-like families' `layer` takes it as `layer_type=`;
+    it must be passed where a model mixes types (Gemma 2/3)."""
+    return config.layer_type(i) if hasattr(config, "layer_type") else None
 
 
 def unembed(params: Params, x, gates=None):

@@ -21,13 +21,19 @@ def _kept(hidden_gate, x):
 
 
 class RMSNorm(nn.Module):
-    """Llama RMSNorm; with a hidden gate the mean square runs over kept dims only."""
+    """Llama RMSNorm; with a hidden gate the mean square runs over kept dims only.
+
+    `offset`: multiply by ``offset + scale`` in float32 (Gemma stores ``w`` and uses ``1 + w``).
+    """
 
     eps: float = 1e-6
+    offset: float = 0.0
 
     @nn.compact
     def __call__(self, x, hidden_gate=None):
         scale = self.param("scale", nn.initializers.ones, (x.shape[-1],))
+        if self.offset:
+            scale = self.offset + scale.astype(jnp.float32)
         xf = x.astype(jnp.float32)
         keep, n = _kept(hidden_gate, xf)
         if keep is not None:
@@ -99,8 +105,9 @@ def apply_rope(x, cos, sin):
     return (x * cos[None, :, None, :] + rotated * sin[None, :, None, :]).astype(x.dtype)
 
 
-def causal_attention(q, k, v, scale: float, chunk: int = 128):
-    """Causal grouped-query attention.
+def causal_attention(q, k, v, scale: float, chunk: int = 128, window: int | None = None,
+                     softcap: float | None = None):
+    """Causal grouped-query attention, optionally windowed and soft-capped.
 
     q: [B, T, H, Dh]; k, v: [B, T, KV, Dh] with H a multiple of KV. Returns [B, T, H, Dh].
 
@@ -109,6 +116,11 @@ def causal_attention(q, k, v, scale: float, chunk: int = 128):
     positions that only see keys up to their own end, so the fully masked upper
     triangle is never computed. Softmax runs in float32 and is normalised after
     the value product (one division per output instead of per score).
+
+    window (static): a query at position t sees the keys in (t - window, t] (sliding-window
+    attention); each chunk also starts its keys at the first one its first query sees, so key
+    blocks wholly before the window are never computed either.
+    softcap: scores become ``tanh(s / softcap) * softcap`` before masking (Gemma 2).
     """
     B, T, H, Dh = q.shape
     KV = k.shape[2]
@@ -120,12 +132,19 @@ def causal_attention(q, k, v, scale: float, chunk: int = 128):
     for c0 in range(0, T, chunk):
         c1 = min(c0 + chunk, T)
         n = c1 - c0
+        k0 = 0 if window is None else max(0, c0 - window + 1)  # first key any query of the chunk sees
         qc = q[:, c0:c1].reshape(B, n, KV, G, Dh).transpose(0, 2, 3, 1, 4).reshape(B, KV, G * n, Dh)
-        s = jnp.einsum("bkqd,bksd->bkqs", qc, kh[:, :, :c1], preferred_element_type=jnp.float32)
+        s = jnp.einsum("bkqd,bksd->bkqs", qc, kh[:, :, k0:c1], preferred_element_type=jnp.float32)
+        if softcap is not None:
+            s = jnp.tanh(s / softcap) * softcap
         row_pos = jnp.tile(jnp.arange(c0, c1), G)
-        s = jnp.where(row_pos[:, None] >= jnp.arange(c1)[None, :], s, -jnp.inf)
+        col_pos = jnp.arange(k0, c1)
+        visible = row_pos[:, None] >= col_pos[None, :]
+        if window is not None:
+            visible = visible & (row_pos[:, None] - col_pos[None, :] < window)
+        s = jnp.where(visible, s, -jnp.inf)
         p = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))
-        o = jnp.einsum("bkqs,bksd->bkqd", p.astype(v.dtype), vh[:, :, :c1], preferred_element_type=jnp.float32)
+        o = jnp.einsum("bkqs,bksd->bkqd", p.astype(v.dtype), vh[:, :, k0:c1], preferred_element_type=jnp.float32)
         o = (o / jnp.sum(p, axis=-1, keepdims=True)).astype(v.dtype)
         outs.append(o.reshape(B, KV, G, n, Dh).transpose(0, 3, 1, 2, 4).reshape(B, n, H, Dh))
     return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
