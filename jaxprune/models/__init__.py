@@ -23,11 +23,12 @@ import jax.numpy as jnp
 from ..errors import InvalidArgumentError
 from ..params import Params
 from . import gates as gates_lib
-from . import llama, opt
+from . import gemma, llama, mistral, opt, qwen
 from .layout import Layout, Linear, Norm, layout_of
 
 # arch -> module with embed, layer, unembed, shapes, per_layer_dims, layer_dims
-FAMILIES = {"llama": llama, "opt": opt}
+FAMILIES = {"llama": llama, "opt": opt, "gemma2": gemma, "gemma3": gemma, "qwen2": qwen, "qwen3": qwen,
+            "mistral": mistral}
 
 
 def family(config):
