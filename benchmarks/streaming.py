@@ -49,6 +49,7 @@ def child(args):
     calib = np.random.default_rng(0).integers(0, cfg.vocab_size, (args.windows, args.seqlen))
     t = time.perf_counter()
     if args.child == "stream":
+        streaming.return_freed_memory()
         streaming.prune_streaming(args.src, args.out, calib, args.method, 0.5, batch_size=args.windows,
                                   show_progress=False)
     else:

@@ -202,7 +202,7 @@ def cmd_prune_streaming(args) -> int:
 
     from .data import CALIBRATION_TEXTS, calibration_windows, read_text
     from .io.resolve import tokenizer
-    from .streaming import prune_streaming
+    from .streaming import prune_streaming, return_freed_memory
 
     if args.method not in ("wanda", "sparsegpt"):
         raise InvalidArgumentError(f"--stream prunes with wanda or sparsegpt, not {args.method}")
@@ -214,6 +214,7 @@ def cmd_prune_streaming(args) -> int:
     calib = calibration_windows(tokenizer(args.model), [read_text(c) for c in sources], n=args.n_calib or 32,
                                 seqlen=args.seqlen, seed=args.seed)
     stats = []
+    return_freed_memory()   # this process exists to stream one model: peak memory first
     prune_streaming(args.model, out, np.asarray(calib), args.method, args.sparsity, args.pattern, mode=args.mode,
                     overwrite=args.overwrite, show_progress=args.progress, statistics=stats)
     seconds = time.perf_counter() - t

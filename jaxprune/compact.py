@@ -79,20 +79,13 @@ from .config import _freeze
 from .errors import InvalidArgumentError
 from .io.hf import validate_tree
 from .models import gates as gates_lib
+from .models.layout import layout_of
 from .params import Params
 
 __all__ = ["compact", "effective_gates", "param_count"]
 
 EMBEDDING_KEYS = ("embed_tokens", "embed_positions", "lm_head")
 
-# Per family: attention norm, attention, its output projection, MLP norm,
-# MLP input projections and output projection (paths inside a layer).
-_LAYOUT = {
-    "llama": dict(attn_norm="input_layernorm", out="o_proj", mlp_norm="post_attention_layernorm",
-                  mlp_in=(("mlp", "gate_proj"), ("mlp", "up_proj")), mlp_out=("mlp", "down_proj")),
-    "opt": dict(attn_norm="self_attn_layer_norm", out="out_proj", mlp_norm="final_layer_norm",
-                mlp_in=(("fc1",),), mlp_out=("fc2",)),
-}
 _UNIT_KEYS = {"heads": "n_heads", "kv_heads": "n_kv", "ffn": "ffn_dim"}
 _SCALAR_KEYS = ("attn", "mlp", "layer")
 
@@ -186,7 +179,7 @@ def _plan(params: Params, gates) -> tuple[list[dict], np.ndarray | None]:
     dims = _layer_dims(params)
     g = {k: _per_layer(k, gates[k], dims) for k in gates_lib.PER_LAYER_KEYS if gates.get(k) is not None}
     hid = _hidden(gates, cfg.hidden_size)
-    post_ln = cfg.arch == "opt" and not cfg.do_layer_norm_before
+    post_ln = getattr(cfg, "do_layer_norm_before", True) is False   # post-LN OPT
     plans = []
     for i, d in enumerate(dims):
         at = lambda k, default: g[k][i] if k in g else default
@@ -298,54 +291,119 @@ def _put(tree: dict, path, value):
     tree[path[-1]] = value
 
 
-def _layer(cfg, lp: dict, plan: dict, hid, D_new: int) -> dict:
-    lay = _LAYOUT[cfg.arch]
+def _fold_into_norm(node: dict, s: float, offset: float) -> dict:
+    """A post-norm whose output is scaled by s: ``(offset + w) * s = offset + w'``."""
+    if s == 1:
+        return node
+    out = dict(node)
+    w = np.asarray(node["scale"], np.float32)
+    out["scale"] = ((offset + w) * np.float32(s) - offset).astype(np.asarray(node["scale"]).dtype)
+    if "bias" in node:
+        out["bias"] = _scaled(node["bias"], s)
+    return out
+
+
+def _layer(cfg, lp: dict, plan: dict, hid) -> dict:
+    """One layer sliced by its plan, reading which axis of every weight runs over which units
+    from the family's layout."""
+    lay = layout_of(cfg)
     Dh, d = cfg.head_dim, plan["dims"]
+    idx = {"hidden": hid, "fixed": None}
     new = {}
-    if len(plan["heads"]):
-        a = lp["self_attn"]
-        q = _idx(plan["heads"], d["n_heads"], Dh)
-        kv = _idx(plan["groups"], d["n_kv"], Dh)
-        new[lay["attn_norm"]] = _vectors(lp[lay["attn_norm"]], hid)
-        new["self_attn"] = {"q_proj": _linear(a["q_proj"], hid, q), "k_proj": _linear(a["k_proj"], hid, kv),
-                            "v_proj": _linear(a["v_proj"], hid, kv),
-                            lay["out"]: _linear(a[lay["out"]], q, hid, np.repeat(plan["head_scale"], Dh),
-                                                plan["s_attn"])}
-    if len(plan["channels"]):
-        c = _idx(plan["channels"], d["ffn_dim"])
-        new[lay["mlp_norm"]] = _vectors(lp[lay["mlp_norm"]], hid)
-        for path in lay["mlp_in"]:
-            _put(new, path, _linear(_get(lp, path), hid, c))
-        _put(new, lay["mlp_out"], _linear(_get(lp, lay["mlp_out"]), c, hid, plan["channel_scale"], plan["s_mlp"]))
+    for kind in ("attn", "mlp"):
+        if kind == "attn":
+            if not len(plan["heads"]):
+                continue
+            idx["heads"] = _idx(plan["heads"], d["n_heads"], Dh)
+            idx["groups"] = _idx(plan["groups"], d["n_kv"], Dh)
+            unit_scale, s = np.repeat(plan["head_scale"], Dh), plan["s_attn"]
+        else:
+            if not len(plan["channels"]):
+                continue
+            idx["ffn"] = _idx(plan["channels"], d["ffn_dim"])
+            unit_scale, s = plan["channel_scale"], plan["s_mlp"]
+        post = lay.post_norm(kind)
+        out_proj = lay.output_projection(kind)
+        for lin in lay.linears_of(kind):
+            rows, cols = (idx[r] for r in lin.roles)
+            if lin is out_proj:   # unit gates scale its input rows; the sublayer gate its output
+                sliced = _linear(_get(lp, lin.path), rows, cols, unit_scale, 1.0 if post else s)
+            else:
+                sliced = _linear(_get(lp, lin.path), rows, cols)
+            _put(new, lin.path, sliced)
+        for norm in lay.norms_of(kind):
+            v = _vectors(_get(lp, norm.path), idx[norm.role])
+            if norm is post:
+                v = _fold_into_norm(v, s, lay.norm_offset)
+            _put(new, norm.path, v)
     return new
 
 
-def _widths(plan: dict, arch: str) -> dict:
+def _widths(plan: dict, lay) -> dict:
     w = {"n_heads": len(plan["heads"]), "ffn_dim": len(plan["channels"])}
-    if arch == "llama":
+    if lay.config_widths.get("kv_heads"):
         w["n_kv"] = len(plan["groups"])
     if plan["kv_groups"] is not None:
         w["kv_groups"] = plan["kv_groups"]
     return w
 
 
-def _config(cfg, widths: list[dict], D: int, P: int | None):
+def _config(cfg, widths: list[dict], kept_layers: list[int], D: int, P: int | None):
+    lay = layout_of(cfg)
     Dh = cfg.head_dim
+    fields = lay.config_widths
     uniform = all(w == widths[0] and w["n_heads"] and w["ffn_dim"] and "kv_groups" not in w for w in widths)
     kw = {"hidden_size": D, "num_hidden_layers": len(widths), "layer_shapes": None}
     if uniform and widths:
         w = widths[0]
-        kw["num_attention_heads"] = w["n_heads"]
-        kw["intermediate_size" if cfg.arch == "llama" else "ffn_dim"] = w["ffn_dim"]
-        if cfg.arch == "llama":
-            kw["num_key_value_heads"] = w["n_kv"]
+        kw[fields["heads"]] = w["n_heads"]
+        kw[fields["ffn"]] = w["ffn_dim"]
+        if fields.get("kv_heads"):
+            kw[fields["kv_heads"]] = w["n_kv"]
     elif widths:
         kw["layer_shapes"] = _freeze(widths)
-    H = kw.get("num_attention_heads", cfg.num_attention_heads)
-    kw["head_dim_override"] = None if (D // H == Dh and (cfg.arch == "llama" or D == H * Dh)) else Dh
-    if cfg.arch == "opt":
+    for name in lay.per_layer_config:
+        value = getattr(cfg, name)
+        if value is not None:
+            kw[name] = tuple(value[i] for i in kept_layers)
+    if hasattr(cfg, "word_embed_proj_dim"):
         kw["word_embed_proj_dim"] = P
+    # head_dim never changes: keep the config's derived value or pin it.
+    try:
+        derived = dataclasses.replace(cfg, **kw, head_dim_override=None).head_dim
+    except InvalidArgumentError:
+        derived = None
+    kw["head_dim_override"] = None if derived == Dh else Dh
     return dataclasses.replace(cfg, **kw)
+
+
+def _top(cfg, tree: dict, hid, D: int):
+    """Everything outside the layers sliced to the kept hidden dims (layout roles), and the
+    projection width of OPT-style project_in/project_out models."""
+    lay = layout_of(cfg)
+    projected = "project_in" in tree      # embeddings live in the projection space, not the hidden one
+    if projected and D == cfg.word_embed_proj_dim:
+        raise InvalidArgumentError(
+            f"compacting hidden_size to {D} = word_embed_proj_dim would leave project_in/project_out "
+            "that an OPT config cannot describe; keep one more or one fewer hidden dim")
+    out = {}
+    for key, node in tree.items():
+        if key == "layers":
+            continue
+        if projected and key == "embed_tokens":
+            out[key] = node
+            continue
+
+        def slice_leaf(kp, a, key=key):
+            roles = lay.top_roles((key,) + tuple(getattr(k, "key", None) for k in kp))
+            for axis, role in enumerate(roles):
+                if role == "hidden":
+                    a = _take(a, hid, axis)
+            return a
+
+        out[key] = jax.tree_util.tree_map_with_path(slice_leaf, node)
+    P = cfg.word_embed_proj_dim if projected else D
+    return out, P
 
 
 def compact(params: Params, gates) -> Params:
@@ -369,38 +427,19 @@ def compact(params: Params, gates) -> Params:
     if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(params)):
         raise InvalidArgumentError("compact needs concrete params: it cannot run under jit or vmap")
     cfg, tree = params.config, params.tree
+    lay = layout_of(cfg)
     plans, hid = _plan(params, gates)
     D = cfg.hidden_size if hid is None else len(hid)
-    layers, widths = [], []
-    for lp, plan in zip(tree["layers"], plans):
-        new = _layer(cfg, lp, plan, hid, D)
+    layers, widths, kept = [], [], []
+    for i, (lp, plan) in enumerate(zip(tree["layers"], plans)):
+        new = _layer(cfg, lp, plan, hid)
         if new:
             layers.append(new)
-            widths.append(_widths(plan, cfg.arch))
-    out = {"layers": layers}
-    P = None
-    if cfg.arch == "llama":
-        out["embed_tokens"] = {"embedding": _take(tree["embed_tokens"]["embedding"], hid, 1)}
-        out["norm"] = _vectors(tree["norm"], hid)
-        if "lm_head" in tree:
-            out["lm_head"] = {"kernel": _take(tree["lm_head"]["kernel"], hid, 0)}
-    else:
-        out["embed_positions"] = {"embedding": _take(tree["embed_positions"]["embedding"], hid, 1)}
-        if "project_in" in tree:
-            P = cfg.word_embed_proj_dim
-            if D == P:
-                raise InvalidArgumentError(
-                    f"compacting hidden_size to {D} = word_embed_proj_dim would leave project_in/project_out "
-                    "that an OPT config cannot describe; keep one more or one fewer hidden dim")
-            out["embed_tokens"] = tree["embed_tokens"]
-            out["project_in"] = {"kernel": _take(tree["project_in"]["kernel"], hid, 1)}
-            out["project_out"] = {"kernel": _take(tree["project_out"]["kernel"], hid, 0)}
-        else:
-            P = D
-            out["embed_tokens"] = {"embedding": _take(tree["embed_tokens"]["embedding"], hid, 1)}
-        if "final_layer_norm" in tree:
-            out["final_layer_norm"] = _vectors(tree["final_layer_norm"], hid)
+            widths.append(_widths(plan, lay))
+            kept.append(i)
+    out, P = _top(cfg, tree, hid, D)
+    out["layers"] = layers
     out = jax.tree.map(jnp.asarray, out)
-    new_cfg = _config(cfg, widths, D, P)
+    new_cfg = _config(cfg, widths, kept, D, P)
     validate_tree(new_cfg, out, "compact")  # internal consistency: the new config implies these shapes
     return Params(new_cfg, out)

@@ -41,11 +41,9 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 from .calibration import input_stats, plain_path
 from .errors import InvalidArgumentError
 from .params import Params
+from .models.layout import layout_of
 
 DATA, MODEL = "data", "model"
-_OUT_SPLIT = {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "fc1"}
-_IN_SPLIT = {"o_proj", "out_proj", "down_proj", "fc2"}
-_HEADS = {"q_proj": "q", "k_proj": "kv", "v_proj": "kv", "o_proj": "q", "out_proj": "q"}
 ENV = {"coordinator": "JAXPRUNE_COORDINATOR", "num_processes": "JAXPRUNE_NUM_PROCESSES",
        "process_id": "JAXPRUNE_PROCESS_ID"}
 
@@ -76,15 +74,12 @@ def spec_for(path: tuple, shape: tuple, config, model_size: int) -> P:
     """The `PartitionSpec` of one parameter (plain path, shape) under the tensor-parallel rules."""
     if len(path) < 3 or path[0] != "layers" or model_size == 1:
         return P()
-    module, leaf = path[-2], path[-1]
-    if module in _OUT_SPLIT:
-        axis = len(shape) - 1   # kernel [in, out] -> 1; bias [out] -> 0
-    elif module in _IN_SPLIT and leaf == "kernel":
-        axis = 0
-    else:
+    lay = layout_of(config)
+    axis = lay.split_axis(path[2:], len(shape))
+    if axis is None:
         return P()
     size = shape[axis]
-    units = size // _head_dim(config) if module in _HEADS else size
+    units = size // _head_dim(config) if lay.split_unit(path[2:]) in ("heads", "groups") else size
     if units % model_size:
         return P()
     spec = [None] * len(shape)

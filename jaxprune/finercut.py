@@ -51,20 +51,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from .compact import param_count as non_embedding_params
-from .structured import _size
 from .errors import InvalidArgumentError
 from .models import hidden_states, unembed
+from .models.layout import layout_of
 from .params import Params
 from .progress import progress
 
 KINDS = ("attn", "mlp")
-
-# Per family: the layer sub-dicts that make up each sublayer (first key: present iff the sublayer is).
-SUBLAYER_KEYS = {
-    "llama": {"attn": ("self_attn", "input_layernorm"), "mlp": ("mlp", "post_attention_layernorm")},
-    "opt": {"attn": ("self_attn", "self_attn_layer_norm"), "mlp": ("fc1", "fc2", "final_layer_norm")},
-}
-
 
 def sublayer_params(params: Params) -> dict[tuple[str, int], int]:
     """Parameter count of every present sublayer, its own norm included: {(kind, layer): n}.
@@ -73,12 +66,14 @@ def sublayer_params(params: Params) -> dict[tuple[str, int], int]:
     OPT: attn = self_attn + self_attn_layer_norm, mlp = fc1 + fc2 + final_layer_norm.
     Sublayers already removed by compaction (absent) are left out.
     """
-    keys = SUBLAYER_KEYS[params.config.arch]
+    lay = layout_of(params.config)
+    keys = {kind: lay.sublayer_keys(kind) for kind in KINDS}
     out = {}
     for i, lp in enumerate(params.tree["layers"]):
         for kind in KINDS:
             if keys[kind][0] in lp:
-                out[(kind, i)] = sum(_size(lp[k]) for k in keys[kind] if k in lp)
+                out[(kind, i)] = sum(int(np.prod(np.shape(x))) for k in keys[kind] if k in lp
+                                     for x in jax.tree.leaves(lp[k]))
     return out
 
 
@@ -175,7 +170,7 @@ def _check_tokens(params: Params, calib_tokens) -> np.ndarray:
     if t.min() < 0 or t.max() >= V:
         raise InvalidArgumentError(f"calib_tokens must lie in [0, {V}), got values in [{t.min()}, {t.max()}]")
     max_pos = getattr(params.config, "max_position_embeddings", None)
-    if params.config.arch == "opt" and max_pos is not None and t.shape[1] > max_pos:
+    if "embed_positions" in params.tree and max_pos is not None and t.shape[1] > max_pos:
         raise InvalidArgumentError(f"calib_tokens has {t.shape[1]} positions, the model at most {max_pos}")
     return t.astype(np.int32)
 

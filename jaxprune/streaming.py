@@ -50,11 +50,11 @@ from .io.names import build_tree, flatten_tree, hf_to_path
 from .io.safetensors import read_tensor, tensor_locations, write_safetensors
 from .masks import check_sparsity, parse_pattern
 from .params import Params
+from .models.layout import layout_of
 from .progress import progress
 
 METHODS = ("wanda", "sparsegpt")
 LOW_MEMORY_LAYER_BYTES = 64 * 2**20
-_LINEAR = {"q_proj", "k_proj", "v_proj", "o_proj", "out_proj", "gate_proj", "up_proj", "down_proj", "fc1", "fc2"}
 
 
 def _layer_of(name: str, arch: str) -> int | None:
@@ -62,10 +62,14 @@ def _layer_of(name: str, arch: str) -> int | None:
     return path[1] if path is not None and path[0] == "layers" else None
 
 
-def _return_freed_memory() -> None:
+def return_freed_memory() -> None:
     """Ask glibc to give large freed blocks back to the OS at once (a fixed mmap threshold of 1 MiB
     and no trim threshold), so the peak resident size follows what is live, not what was ever
-    allocated. Process-wide and harmless elsewhere; a no-op where glibc is absent."""
+    allocated.
+
+    Process-wide and never undone, so jaxprune never calls it for you: call it once before
+    `prune_streaming` when peak memory matters more than allocation speed (``jaxprune prune
+    --stream`` does). A no-op where glibc is absent."""
     try:
         import ctypes
         libc = ctypes.CDLL("libc.so.6")
@@ -276,7 +280,6 @@ def prune_streaming(source: str, out: str, calib, method: str = "wanda", sparsit
         rest = _write_rest(_locations(source), config, work, files[L])
         state = {"fingerprint": fingerprint, "done": 0, "names": {n: files[L] for n in rest}, "masks": {}}
 
-    _return_freed_memory()
     kind, prune_dense = _prune_dense(method, nm, blocksize, percdamp)
     if low_memory is None:
         stored_itemsize = max(np.dtype(loc[0]).itemsize for _, loc in _locations(source).values())
@@ -300,7 +303,7 @@ def prune_streaming(source: str, out: str, calib, method: str = "wanda", sparsit
     for i in progress(range(state["done"], L), f"{method} (streaming)", total=L - state["done"],
                       enabled=show_progress):
         lp = _read_layer(locations, config, i)
-        target = frozenset(p[:-1] for p in _linear_paths(lp))
+        target = frozenset(p[:-1] for p in _linear_paths(config, lp))
         packed = {}   # each mask bit-packed on the host as soon as it exists: 1/8 of a byte per weight
 
         def take_mask(path, keep):
@@ -381,18 +384,16 @@ def _layer_statistics(locations: dict, config, i: int, packed: dict, chunk_bytes
     return layer_row(i, modules, size, zeros)
 
 
-def _linear_paths(lp: dict) -> list[tuple]:
-    """Module paths + ('kernel',) of the linear layers in one layer's params."""
-    out = []
-
-    def walk(node, path):
-        for k, v in node.items():
-            if isinstance(v, dict):
-                walk(v, path + (k,))
-            elif k == "kernel" and path and path[-1] in _LINEAR:
-                out.append(path + (k,))
-    walk(lp, ())
-    return out
+def _linear_paths(config, lp: dict) -> list[tuple]:
+    """Module paths + ('kernel',) of the linear layers present in one layer's params."""
+    present = []
+    for lin in layout_of(config).linears:
+        node = lp
+        for k in lin.path:
+            node = node.get(k) if isinstance(node, dict) else None
+        if isinstance(node, dict) and "kernel" in node:
+            present.append(lin.path + ("kernel",))
+    return present
 
 
 def write_random_checkpoint(path: str, config, dtype=np.float32, seed: int = 0) -> str:

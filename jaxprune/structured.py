@@ -40,22 +40,14 @@ import numpy as np
 
 from . import models
 from .calibration import capture
-from .compact import EMBEDDING_KEYS, compact, param_count as non_embedding_params
+from .compact import compact, param_count as non_embedding_params
 from .errors import InvalidArgumentError
 from .models import gates as gates_lib
+from .models.layout import layout_of
 from .params import Params
 
 UNIT_KINDS = ("heads", "kv_heads", "ffn", "attn", "mlp", "layer", "hidden")
 PRIOR_KINDS = ("heads", "kv_heads", "ffn")
-
-# Per family: (attention sublayer keys, mlp sublayer keys, attention output proj, mlp output proj).
-_LAYOUT = {
-    "llama": (("self_attn", "input_layernorm"), ("mlp", "post_attention_layernorm"),
-              ("self_attn", "o_proj"), ("mlp", "down_proj")),
-    "opt": (("self_attn", "self_attn_layer_norm"), ("fc1", "fc2", "final_layer_norm"),
-            ("self_attn", "out_proj"), ("fc2",)),
-}
-
 
 def _size(tree) -> int:
     return int(sum(np.prod(np.shape(x)) for x in jax.tree.leaves(tree)))
@@ -92,38 +84,40 @@ def unit_costs(params: Params, kind: str) -> np.ndarray:
     check_kinds(kind)
     _check_uniform(params)
     cfg = params.config
+    lay = layout_of(cfg)
     lp = params.tree["layers"][0]
-    attn_keys, mlp_keys, _, _ = _LAYOUT[cfg.arch]
     shape = gate_shapes(cfg)[kind]
     L = cfg.num_hidden_layers
     if kind in ("attn", "mlp", "layer"):
-        a = _size({k: lp[k] for k in attn_keys if k in lp})
-        m = _size({k: lp[k] for k in mlp_keys if k in lp})
+        a = _size({k: lp[k] for k in lay.sublayer_keys("attn") if k in lp})
+        m = _size({k: lp[k] for k in lay.sublayer_keys("mlp") if k in lp})
         return np.full(shape, {"attn": a, "mlp": m, "layer": a + m}[kind], np.float64)
-    if kind == "ffn":
-        return np.full(shape, _size({k: lp[k] for k in mlp_keys if k in lp and "norm" not in k})
-                       - _bias_size(lp, cfg.arch), np.float64) / cfg.intermediate_size
     if kind == "hidden":
         return np.full(shape, _hidden_cost(params), np.float64)
-    att = lp["self_attn"]
-    Dh, H = cfg.head_dim, cfg.num_attention_heads
-    kv = shape[1] if kind == "kv_heads" else (getattr(cfg, "num_key_value_heads", None) or H)
-    G = H // kv
-    per_q = _cols(att["q_proj"], Dh) + att["o_proj" if "o_proj" in att else "out_proj"]["kernel"].shape[1] * Dh
-    per_kv = _cols(att["k_proj"], Dh) + _cols(att["v_proj"], Dh)
-    cost = G * per_q + per_kv if kind == "kv_heads" else per_q + per_kv / G
+    H = cfg.num_attention_heads
+    kv = shape[1] if kind == "kv_heads" else gate_shapes(cfg)["kv_heads"][1]
+    per = _per_unit(lay, lp, cfg)
+    if kind == "ffn":
+        cost = per["ffn"]
+    elif kind == "kv_heads":
+        cost = (H // kv) * per["heads"] + per["groups"]
+    else:
+        cost = per["heads"] + per["groups"] / (H // kv)
     return np.full((L, shape[1]), cost, np.float64)
 
 
-def _cols(dense: dict, n: int) -> int:
-    """Parameters in n output columns of a dense layer (kernel column entries + bias)."""
-    return n * dense["kernel"].shape[0] + (n if "bias" in dense else 0)
-
-
-def _bias_size(lp: dict, arch: str) -> int:
-    """The MLP output projection's bias (not owned by any FFN channel)."""
-    down = lp["mlp"]["down_proj"] if arch == "llama" else lp["fc2"]
-    return int(np.prod(down["bias"].shape)) if "bias" in down else 0
+def _per_unit(lay, lp: dict, cfg) -> dict:
+    """Entries of one layer's weights on one query head, one K/V group and one FFN channel,
+    read off the layout's axis roles (a leaf counts toward a unit when one of its axes runs over it)."""
+    units = {"heads": cfg.num_attention_heads, "groups": gate_shapes(cfg)["kv_heads"][1],
+             "ffn": cfg.intermediate_size}
+    per = dict.fromkeys(units, 0.0)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(lp)[0]:
+        names = tuple(getattr(k, "key", None) for k in path)
+        for role in lay.leaf_roles(names):
+            if role in units:
+                per[role] += float(np.prod(np.shape(leaf))) / units[role]
+    return per
 
 
 def _hidden_cost(params: Params) -> float:
@@ -134,8 +128,8 @@ def _hidden_cost(params: Params) -> float:
 
 def _output_projection_sumsq(params: Params, tokens, gates):
     """Per layer: (sum of squares of o_proj's input features, of down_proj's), over tokens."""
-    cfg = params.config
-    _, _, attn_out, mlp_out = _LAYOUT[cfg.arch]
+    lay = layout_of(params.config)
+    attn_out, mlp_out = lay.output_projection("attn").path, lay.output_projection("mlp").path
     wanted = {attn_out, mlp_out}
     x, ctx = models.embed(params, tokens, gates)
     out = []
@@ -156,7 +150,8 @@ def prior(params: Params, tokens, kinds=("heads", "ffn"), gates=None) -> dict:
     _check_uniform(params)
     tokens = jnp.asarray(tokens, jnp.int32)
     cfg = params.config
-    _, _, attn_out, mlp_out = _LAYOUT[cfg.arch]
+    lay = layout_of(cfg)
+    attn_out, mlp_out = lay.output_projection("attn").path, lay.output_projection("mlp").path
     stats = _sumsq_jit(params, tokens, gates_lib.check_gates(gates) or None)
     n = float(tokens.size)
     H = cfg.num_attention_heads
@@ -187,23 +182,6 @@ def ones(config, kinds) -> dict:
     """All-ones float32 gates for `kinds` (everything kept)."""
     shapes = gate_shapes(config)
     return {k: jnp.ones(shapes[k], jnp.float32) for k in check_kinds(kinds)}
-
-
-# Axis roles of each weight for `expected_size`: which units its rows and columns belong to.
-_ROLES = {"q_proj": ("hidden", "heads"), "k_proj": ("hidden", "groups"), "v_proj": ("hidden", "groups"),
-          "o_proj": ("heads", "hidden"), "out_proj": ("heads", "hidden"),
-          "gate_proj": ("hidden", "ffn"), "up_proj": ("hidden", "ffn"), "fc1": ("hidden", "ffn"),
-          "down_proj": ("ffn", "hidden"), "fc2": ("ffn", "hidden"),
-          "project_in": ("fixed", "hidden"), "project_out": ("hidden", "fixed")}
-
-
-def _leaf_roles(names: tuple) -> tuple:
-    """Roles of a leaf's axes: kernels by their module, biases by its output, norms by hidden."""
-    if names[-1] == "kernel":
-        return _ROLES[names[-2]]
-    if names[-1] == "bias" and names[-2] in _ROLES:
-        return _ROLES[names[-2]][1:]
-    return ("hidden",)
 
 
 def _any(p, axis=-1):
@@ -251,20 +229,22 @@ def expected_size(params: Params, keep) -> jax.Array:
              "groups": group_kept.sum(1) * Dh, "ffn": p["ffn"].sum(1)}
     present = {"attn": p["layer"] * p["attn"], "mlp": p["layer"] * p["mlp"]}
     any_unit = {"attn": _any(group_kept), "mlp": _any(p["ffn"])}
-    attn_keys = _LAYOUT[cfg.arch][0]
+    lay = layout_of(cfg)
     total = jnp.zeros((), jnp.float32)
     for path, leaf in jax.tree_util.tree_flatten_with_path(params.tree["layers"][0])[0]:
         names = tuple(getattr(k, "key", getattr(k, "idx", None)) for k in path)
-        roles = _leaf_roles(names)
-        sub = "attn" if names[0] in attn_keys else "mlp"
-        size = jnp.prod(jnp.stack([count[r] * jnp.ones(L) for r in roles]), axis=0)
-        gate = present[sub] * (any_unit[sub] if set(roles) == {"hidden"} else 1.0)
+        roles = lay.leaf_roles(names)
+        sub = lay.sublayer_of(names[0])
+        size = jnp.prod(jnp.stack([(count[r] if r in count else float(n)) * jnp.ones(L)
+                                   for r, n in zip(roles, np.shape(leaf))]), axis=0)
+        owns_units = bool(set(roles) & {"heads", "groups", "ffn"})
+        gate = present[sub] * (1.0 if owns_units else any_unit[sub])   # norms, output biases: with the sublayer
         total = total + jnp.sum(gate * size)
     for key, node in params.tree.items():
-        if key in ("layers",) + EMBEDDING_KEYS:
+        if key in ("layers",) + lay.embeddings:
             continue
         for path, leaf in jax.tree_util.tree_flatten_with_path(node)[0]:
             names = (key,) + tuple(getattr(k, "key", None) for k in path)
-            sizes = [count["hidden"] if r == "hidden" else float(n) for r, n in zip(_leaf_roles(names), leaf.shape)]
+            sizes = [count["hidden"] if r == "hidden" else float(n) for r, n in zip(lay.top_roles(names), leaf.shape)]
             total = total + jnp.prod(jnp.stack(sizes))
     return total

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-PREFIX = {"llama": "model.", "opt": "model.decoder."}
+from ..models.layout import layout_of
+
 _EMBEDDINGS = {"embed_tokens", "embed_positions"}
 
 
@@ -25,12 +26,13 @@ def _is_norm(module: str) -> bool:
 
 def hf_to_path(name: str, arch: str) -> tuple | None:
     """Tree path of an HF tensor name, or None for names jaxprune does not keep (tied lm_head, buffers)."""
-    prefix = PREFIX[arch]
+    lay = layout_of(arch)
+    prefix = lay.hf_prefix
     if name.startswith(prefix):
         parts = name[len(prefix):].split(".")
     elif name.startswith("lm_head."):
-        if arch == "opt":
-            return None  # OPT always ties the head to embed_tokens
+        if lay.hf_tied_head:
+            return None  # e.g. OPT: the head is always embed_tokens
         parts = name.split(".")
     else:
         return None
@@ -57,7 +59,7 @@ def path_to_hf(path: tuple, arch: str) -> str:
     hf_leaf = "bias" if leaf == "bias" else "weight"
     if path[0] == "lm_head":
         return f"lm_head.{hf_leaf}"
-    return f"{PREFIX[arch]}{head}.{hf_leaf}"
+    return f"{layout_of(arch).hf_prefix}{head}.{hf_leaf}"
 
 
 def needs_transpose(path: tuple) -> bool:

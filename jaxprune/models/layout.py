@@ -66,12 +66,16 @@ class Linear:
 
 @dataclasses.dataclass(frozen=True)
 class Norm:
-    """A norm inside a decoder layer: leaves ``scale`` (and ``bias``) over one axis of `role`."""
+    """A norm inside a decoder layer: leaves ``scale`` (and ``bias``) over one axis of `role`.
+
+    A ``"post"`` norm normalizes a sublayer's output before the residual add, so a sublayer
+    gate folds into its scale (not into the output projection, which the norm would undo)."""
 
     path: tuple
     sublayer: str
     role: str = "hidden"
     gguf: str | None = None
+    position: str = "pre"   # "pre": normalizes the sublayer's input; "post": its output (Gemma)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +95,9 @@ class Layout:
     gguf_top: GGUF name -> HF module name of the tensors outside the layers.
     gguf_rotary: HF modules whose rows llama.cpp permutes for its rotary layout,
       with the config field holding their head count.
+    per_layer_config: config fields holding one entry per layer (e.g. ``layer_types``), which
+      compaction keeps in step when it drops layers.
+    norm_offset: a norm multiplies by ``offset + scale`` (Gemma: 1.0, others 0.0).
     """
 
     name: str
@@ -104,6 +111,8 @@ class Layout:
     gguf_arch: str | None = None
     gguf_top: dict = dataclasses.field(default_factory=dict)
     gguf_rotary: dict = dataclasses.field(default_factory=dict)
+    per_layer_config: tuple = ()
+    norm_offset: float = 0.0
 
     # ---- sublayers ----
 
@@ -122,6 +131,13 @@ class Layout:
 
     def linears_of(self, kind: str) -> tuple:
         return tuple(l for l in self.linears if l.sublayer == kind)
+
+    def norms_of(self, kind: str) -> tuple:
+        return tuple(n for n in self.norms if n.sublayer == kind)
+
+    def post_norm(self, kind: str) -> Norm | None:
+        """The norm on a sublayer's output, if the family has one."""
+        return next((n for n in self.norms_of(kind) if n.position == "post"), None)
 
     def output_projection(self, kind: str) -> Linear:
         """The linear layer whose input runs over a sublayer's units (o_proj, down_proj, fc2)."""
