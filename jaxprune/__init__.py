@@ -9,6 +9,9 @@ Example:
 """
 
 from .config import LlamaConfig, OPTConfig
+from .models.gemma import Gemma2Config, Gemma3Config
+from .models.mistral import MistralConfig
+from .models.qwen import Qwen2Config, Qwen3Config
 from .data import bundled_text, calibration_windows, eval_windows, read_text
 from .errors import CheckpointError, DataError, InvalidArgumentError, JaxpruneError, UnsupportedModelError
 from .evaluate import perplexity
@@ -50,6 +53,11 @@ __all__ = [
     "JaxpruneError",
     "LlamaConfig",
     "OPTConfig",
+    "Gemma2Config",
+    "Gemma3Config",
+    "MistralConfig",
+    "Qwen2Config",
+    "Qwen3Config",
     "Params",
     "apply_masks",
     "bonsai",

@@ -47,8 +47,10 @@ def is_shape(x):
 def init(config, key, dtype=jnp.float32) -> Params:
     """Random params for `config`: for tests, examples and benchmarks.
 
-    Kernels, embeddings and biases ~ N(0, 0.02); norm scales ~ 1 + N(0, 0.02).
+    Kernels, embeddings and biases ~ N(0, 0.02); norms multiply by ~ 1 + N(0, 0.02) (so a
+    family whose norms multiply by ``1 + w`` (Gemma) gets w ~ N(0, 0.02)).
     """
+    offset = layout_of(config).norm_offset
     paths_shapes = jax.tree_util.tree_flatten_with_path(shapes(config), is_leaf=is_shape)
     leaves, treedef = paths_shapes
     keys = jax.random.split(key, len(leaves))
@@ -56,7 +58,7 @@ def init(config, key, dtype=jnp.float32) -> Params:
     for k, (path, shape) in zip(keys, leaves):
         v = 0.02 * jax.random.normal(k, shape, jnp.float32)
         if path[-1].key == "scale":
-            v = 1.0 + v
+            v = 1.0 - offset + v
         out.append(v.astype(dtype))
     return Params(config, jax.tree.unflatten(treedef, out))
 
