@@ -40,6 +40,7 @@ Example:
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable, NamedTuple
 
 import jax
@@ -49,6 +50,7 @@ import optax
 
 from . import hardconcrete as hc
 from .errors import InvalidArgumentError
+from .models import layout_of
 from .params import Params
 from .progress import progress
 from .structured import check_kinds, expected_size, gate_shapes, non_embedding_params
@@ -108,8 +110,7 @@ def _arch_counts(cfg, tgt, kinds) -> dict:
     """{kind: (target units in total, dense units in total)} for a target architecture."""
     if type(tgt) is not type(cfg):
         raise InvalidArgumentError(f"target_config must be a {type(cfg).__name__}, got {type(tgt).__name__}")
-    ffn_field = "intermediate_size" if cfg.arch == "llama" else "ffn_dim"
-    fields = dict(_ARCH_FIELDS, ffn=ffn_field)
+    fields = dict(_ARCH_FIELDS, ffn=layout_of(cfg).config_widths["ffn"])
     L, Lt = cfg.num_hidden_layers, tgt.num_hidden_layers
     out = {}
     for kind, field in fields.items():
@@ -200,30 +201,52 @@ def l0_optimizer(lr_params: float = 2e-5, lr_gates: float = 0.1, lr_lambdas: flo
         {"params": "params", "log_alphas": "log_alphas", "lambdas": "lambdas"})
 
 
+# The default optimisers as values (not rebuilt per call), so `l0_prune`'s step compiles once.
+_DEFAULT_OPTIMIZERS = {True: l0_optimizer(train_params=True), False: l0_optimizer(train_params=False)}
+
+
 def _labels(trainable: dict) -> dict:
     return {k: jax.tree.map(lambda _: k, v) for k, v in trainable.items()}
 
 
-def l0_step(optimizer: optax.GradientTransformation, **loss_kw) -> Callable:
+@partial(jax.jit, static_argnames=("optimizer", "config", "targets", "warmup", "start", "temperature"))
+def _l0_update(trainable, opt_state, batch, key, step, teacher, *, optimizer, config, targets, warmup, start,
+               temperature):
+    """One L0 step, compiled once per optimizer, config, settings and shapes. `targets` and `start`
+    come as tuples of (name, value) items (hashable; dicts again here, in their order)."""
+    grads, metrics = jax.grad(l0_loss, has_aux=True)(trainable, batch, key, step, teacher, config=config,
+                                                     targets=dict(targets), warmup=warmup,
+                                                     start=None if start is None else dict(start),
+                                                     temperature=temperature)
+    updates, opt_state = optimizer.update(grads, opt_state, trainable)
+    trainable = optax.apply_updates(trainable, updates)
+    trainable = dict(trainable,
+                     log_alphas=jax.tree.map(lambda a: jnp.clip(a, -LOG_ALPHA_LIMIT, LOG_ALPHA_LIMIT),
+                                             trainable["log_alphas"]),
+                     lambdas=jax.tree.map(lambda a: jnp.maximum(a, 0.0), trainable["lambdas"]))
+    return trainable, opt_state, metrics
+
+
+def l0_step(optimizer: optax.GradientTransformation, *, config, targets: dict, warmup: int,
+            start: dict | None = None, temperature: float = 1.0) -> Callable:
     """A jitted ``step(trainable, opt_state, batch, key, step, teacher=None) -> (trainable,
-    opt_state, metrics)`` with `l0_loss` (keyword arguments `loss_kw`: config, targets, warmup,
-    start, temperature) and any optax `optimizer` over `trainable`.
+    opt_state, metrics)`` with `l0_loss` (config, targets, warmup, start, temperature as there)
+    and any optax `optimizer` over `trainable`.
+
+    The step is one module-level jitted function: steps built for the same optimizer object and
+    the same settings share its compiled program. The settings, `targets` and `start` included,
+    are static (their arithmetic stays in Python floats), so other starting sizes compile anew.
 
     After each update the log-alphas are clipped to +-LOG_ALPHA_LIMIT (as in CoFi), so a gate
     pushed far past 0 or 1 can return, and the lambdas are projected onto >= 0: the language
     loss always prefers a larger model, so the size constraint binds from above and a negative
     price would only wind up (the quadratic term still pulls an undershoot back to the target)."""
+    static = dict(optimizer=optimizer, config=config, targets=tuple((k, float(v)) for k, v in targets.items()),
+                  warmup=warmup, start=None if start is None else tuple((k, float(v)) for k, v in start.items()),
+                  temperature=temperature)
 
-    @jax.jit
     def step_fn(trainable, opt_state, batch, key, step, teacher=None):
-        grads, metrics = jax.grad(l0_loss, has_aux=True)(trainable, batch, key, step, teacher, **loss_kw)
-        updates, opt_state = optimizer.update(grads, opt_state, trainable)
-        trainable = optax.apply_updates(trainable, updates)
-        trainable = dict(trainable,
-                         log_alphas=jax.tree.map(lambda a: jnp.clip(a, -LOG_ALPHA_LIMIT, LOG_ALPHA_LIMIT),
-                                                 trainable["log_alphas"]),
-                         lambdas=jax.tree.map(lambda a: jnp.maximum(a, 0.0), trainable["lambdas"]))
-        return trainable, opt_state, metrics
+        return _l0_update(trainable, opt_state, batch, key, step, teacher, **static)
 
     return step_fn
 
@@ -240,7 +263,7 @@ def _architecture_gates(cfg, tgt, la: dict) -> dict:
     """Top-k gates giving exactly `tgt`'s widths; query heads only from kept K/V groups, and the
     same number per group when the target's heads divide evenly over its groups."""
     width = {"layer": tgt.num_hidden_layers, "hidden": tgt.hidden_size,
-             "ffn": tgt.intermediate_size if cfg.arch == "llama" else tgt.ffn_dim}
+             "ffn": getattr(tgt, layout_of(cfg).config_widths["ffn"])}
     out = {k: _top_k_mask(v, width[k]) for k, v in la.items() if k in width}
     H, KV = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
     Ht, KVt = tgt.num_attention_heads, getattr(tgt, "num_key_value_heads", None) or tgt.num_attention_heads
@@ -356,7 +379,7 @@ def l0_prune(params: Params, calib, target: float | None = None, *, target_confi
     key, init_key = jax.random.split(key)
     trainable = {"params": params.tree, "log_alphas": init_log_alphas(params.config, kinds, init, init_key),
                  "lambdas": {k: jnp.zeros(2, jnp.float32) for k in targets}}
-    optimizer = optimizer or l0_optimizer(train_params=train_params)
+    optimizer = optimizer or _DEFAULT_OPTIMIZERS[bool(train_params)]
     opt_state = optimizer.init(trainable)
     start = {k: float(v) for k, v in expected_fractions(params, trainable["log_alphas"], targets).items()}
     step_fn = l0_step(optimizer, config=params.config, targets=targets, warmup=warmup, start=start,

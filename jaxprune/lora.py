@@ -27,6 +27,7 @@ Example:
 
 from __future__ import annotations
 
+from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -34,11 +35,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from .compact import _get
 from .errors import InvalidArgumentError
-from .params import Params
+from .params import Params, get_path
 from .progress import progress
-from .pruning import _kernel_paths, default_prunable
+from .pruning import default_prunable, kernel_paths
 from .training import lm_loss, random_batch
 
 __all__ = ["LoRAResult", "lora_finetune", "lora_init", "lora_merge"]
@@ -50,8 +50,8 @@ class LoRAResult(NamedTuple):
 
 
 def _kernels(params: Params, targets) -> dict:
-    out = {"/".join(map(str, path[:-1])): _get(params.tree, path)
-           for path in _kernel_paths(params, targets) if path[-1] == "kernel"}
+    out = {"/".join(map(str, path[:-1])): get_path(params.tree, path)
+           for path in kernel_paths(params, targets) if path[-1] == "kernel"}
     if not out:
         raise InvalidArgumentError("no kernel matches the LoRA targets")
     return out
@@ -106,6 +106,17 @@ def lora_merge(params: Params, adapters: dict, masks=None, alpha: float = 16.0) 
     return Params(params.config, tree)
 
 
+_DEFAULT_OPTIMIZER = optax.adam(1e-3)   # one value (not rebuilt per call), so its step compiles once
+
+
+@partial(jax.jit, static_argnames=("optimizer", "alpha"))
+def _lora_step(adapters, opt_state, batch, params, masks, optimizer, alpha):
+    """One LoRA step (compiled once per optimizer, alpha and shapes)."""
+    loss, grads = jax.value_and_grad(lambda a: lm_loss(lora_merge(params, a, masks, alpha), batch))(adapters)
+    updates, opt_state = optimizer.update(grads, opt_state, adapters)
+    return optax.apply_updates(adapters, updates), opt_state, loss
+
+
 def lora_finetune(params: Params, windows, masks=None, *, rank: int = 8, alpha: float = 16.0,
                   steps: int = 100, batch_size: int = 4, optimizer: optax.GradientTransformation | None = None,
                   targets=default_prunable, key=None, log_every: int = 10, show_progress: bool | None = None,
@@ -123,20 +134,14 @@ def lora_finetune(params: Params, windows, masks=None, *, rank: int = 8, alpha: 
     key = jax.random.key(0) if key is None else key
     key, init_key = jax.random.split(key)
     adapters = lora_init(params, init_key, rank, targets)
-    optimizer = optimizer or optax.adam(1e-3)
+    optimizer = optimizer or _DEFAULT_OPTIMIZER
     opt_state = optimizer.init(adapters)
-
-    @jax.jit
-    def step_fn(adapters, opt_state, batch, params, masks):
-        loss, grads = jax.value_and_grad(lambda a: lm_loss(lora_merge(params, a, masks, alpha), batch))(adapters)
-        updates, opt_state = optimizer.update(grads, opt_state, adapters)
-        return optax.apply_updates(adapters, updates), opt_state, loss
 
     history = []
     for step in progress(range(int(steps)), "LoRA", total=int(steps), enabled=show_progress):
         key, kb = jax.random.split(key)
-        adapters, opt_state, loss = step_fn(adapters, opt_state, random_batch(kb, windows, batch_size),
-                                            params, masks)
+        adapters, opt_state, loss = _lora_step(adapters, opt_state, random_batch(kb, windows, batch_size),
+                                               params, masks, optimizer=optimizer, alpha=alpha)
         if step % log_every == 0 or step == steps - 1:
             history.append({"step": step, "loss": float(loss)})
             if callback is not None:

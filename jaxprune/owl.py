@@ -49,6 +49,9 @@ def allocate(ratios, sparsity: float, lam: float = 0.08) -> list[float]:
     return [float(np.clip(1 - k, 0.0, 0.999)) for k in keep]
 
 
+_input_stats_jit = jax.jit(input_stats, static_argnames="kind")
+
+
 def owl_sparsities(params: Params, calib, sparsity: float = 0.5, m: float = 5.0, lam: float = 0.08,
                    batch_size: int = 8) -> list[float]:
     """Per-layer sparsities from OWL, with statistics of the dense model on `calib`."""
@@ -56,9 +59,8 @@ def owl_sparsities(params: Params, calib, sparsity: float = 0.5, m: float = 5.0,
     if lam < 0 or m <= 0:
         raise InvalidArgumentError(f"OWL needs lam >= 0 and m > 0, got lam={lam}, m={m}")
     tokens = _validate_tokens(params, calib)
-    collect = jax.jit(input_stats, static_argnums=2)
     total = None
     for s in range(0, tokens.shape[0], batch_size):
-        st = collect(params, tokens[s:s + batch_size], "sumsq")
+        st = _input_stats_jit(params, tokens[s:s + batch_size], "sumsq")
         total = st if total is None else jax.tree.map(jnp.add, total, st)
     return allocate(outlier_ratios(params, total, m), sparsity, lam)

@@ -15,6 +15,8 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
+from functools import partial
 from typing import Callable, Sequence
 
 import jax
@@ -22,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import criteria
-from .calibration import path_key, plain_path, run_layerwise
+from .calibration import path_key, plain_path, prune_counts, prune_layer, run_layerwise
 from .errors import DataError, InvalidArgumentError, check_int
 from .masks import check_sparsity, full_masks, global_masks, group_size, n_pruned, parse_pattern, select_count
 from .params import Params, get_path, set_path
@@ -36,7 +38,10 @@ def default_prunable(path: tuple) -> bool:
     return len(path) > 2 and path[0] == "layers" and path[-1] == "kernel"
 
 
-def _kernel_paths(params: Params, prunable) -> list[tuple]:
+def kernel_paths(params: Params, prunable=None) -> list[tuple]:
+    """Plain paths of the 2-D leaves of `params` that `prunable(path)` selects (default:
+    `default_prunable`), in tree order."""
+    prunable = prunable or default_prunable
     return [plain_path(k) for k, x in jax.tree_util.tree_flatten_with_path(params.tree)[0]
             if np.ndim(x) == 2 and prunable(plain_path(k))]
 
@@ -65,7 +70,7 @@ def _validate(params, sparsity, pattern, scope, prunable):
     if not isinstance(scope, str) or scope not in SCOPES:
         raise InvalidArgumentError(f"scope must be one of {SCOPES}, got {scope!r}")
     prunable = prunable or default_prunable
-    paths = _kernel_paths(params, prunable)
+    paths = kernel_paths(params, prunable)
     if not paths:
         raise InvalidArgumentError("the prunable predicate selects no 2-D kernel")
     tree = params.tree
@@ -161,10 +166,21 @@ def _column_block(n_out: int, limit: int = 1024) -> int:
     return max(d for d in range(1, limit + 1) if n_out % d == 0)
 
 
-def _wanda_dense(nm, scope):
-    def prune_dense(path, dense, stat, count, sparsity):
+@dataclasses.dataclass(frozen=True)
+class WandaRule:
+    """Wanda's prune rule for `run_layerwise` / `LayerPruner`: |W| * ||X|| scores, `n` (traced) pruned
+    per comparison group (`scope`), or the N:M pattern `nm`. Hashable: equal rules share programs."""
+
+    nm: tuple | None = None
+    scope: str = "row"
+    uses_path = False
+
+    def counts(self, shape, sparsity: float) -> int:
+        return 0 if self.nm else n_pruned(group_size(shape, self.scope), sparsity)
+
+    def __call__(self, path, dense, stat, count, n):
+        nm, scope = self.nm, self.scope
         kernel = dense["kernel"]
-        n = n_pruned(group_size(kernel.shape, scope), sparsity)
         norms = stat / count
         bs = _column_block(kernel.shape[1], max(64, (1 << 20) // kernel.shape[0]))   # <= 1M scores per block
         if scope != "row" or bs == kernel.shape[1] or bs < 64:
@@ -187,18 +203,34 @@ def _wanda_dense(nm, scope):
             keep, bits = jax.lax.fori_loop(0, kernel.shape[1] // bs, block, (jnp.zeros(kernel.shape, bool), bits))
             return {**dense, "kernel": jax.lax.bitcast_convert_type(bits, kernel.dtype)}, keep
         return {**dense, "kernel": jnp.where(keep, kernel, 0)}, keep
-    prune_dense.uses_path = False
-    return prune_dense
 
 
-def _sparsegpt_dense(nm, blocksize, percdamp):
-    def prune_dense(path, dense, stat, count, sparsity):
-        kernel = dense["kernel"]
-        k_full, k_last = block_counts(kernel.shape[1], kernel.shape[0], sparsity, blocksize)
-        new, keep = solve(kernel, 2.0 * stat / count, k_full, k_last, nm=nm, blocksize=blocksize, percdamp=percdamp)
+@dataclasses.dataclass(frozen=True)
+class SparseGPTRule:
+    """SparseGPT's prune rule for `run_layerwise` / `LayerPruner`: the OBS solve with the per-block
+    prune counts `n = (k_full, k_last)` traced (`block_counts`), or the N:M pattern `nm`."""
+
+    nm: tuple | None = None
+    blocksize: int = 128
+    percdamp: float = 0.01
+    uses_path = False
+
+    def counts(self, shape, sparsity: float) -> tuple[int, int]:
+        return block_counts(shape[1], shape[0], sparsity, self.blocksize)
+
+    def __call__(self, path, dense, stat, count, n):
+        k_full, k_last = n
+        new, keep = solve(dense["kernel"], 2.0 * stat / count, k_full, k_last, nm=self.nm, blocksize=self.blocksize,
+                          percdamp=self.percdamp)
         return {**dense, "kernel": new}, keep
-    prune_dense.uses_path = False
-    return prune_dense
+
+
+def _wanda_dense(nm, scope) -> WandaRule:     # the names jaxprune.streaming builds its rules with
+    return WandaRule(nm, scope)
+
+
+def _sparsegpt_dense(nm, blocksize, percdamp) -> SparseGPTRule:
+    return SparseGPTRule(nm, blocksize, percdamp)
 
 
 def _targets(params: Params, paths) -> list[set]:
@@ -214,6 +246,17 @@ def _check_layer_only(paths, method):
     if outside:
         raise InvalidArgumentError(f"{method} prunes linear layers inside the transformer blocks; the prunable "
                                    f"set also selects {outside[:3]}: prune those with jaxprune.magnitude")
+
+
+@partial(jax.jit, static_argnames=("nm", "scope"))
+def _magnitude_select(kernel, n_prune, nm, scope):
+    """Magnitude masks of one kernel, `n_prune` (traced) pruned per group."""
+    return select_count(criteria.magnitude(kernel), n_prune, nm, scope)
+
+
+@partial(jax.jit, static_argnames="sparsity")
+def _global_magnitude(kernels: dict, sparsity: float):
+    return global_masks({k: criteria.magnitude(v) for k, v in kernels.items()}, sparsity)
 
 
 def magnitude(params: Params, sparsity: float = 0.5, pattern=None, scope: str = "layer",
@@ -243,11 +286,11 @@ def magnitude(params: Params, sparsity: float = 0.5, pattern=None, scope: str = 
     params, _, _ = _placement(params, mesh, 1)
     kernels = {path: get_path(params.tree, path) for path in paths}
     if scope == "global" and nm is None:
-        keep = global_masks({path_key(p): criteria.magnitude(k) for p, k in kernels.items()}, sparsity)
+        keep = _global_magnitude({path_key(p): k for p, k in kernels.items()}, sparsity)
         chosen = {p: keep[path_key(p)] for p in kernels}
     else:
-        sel = jax.jit(lambda k, n: select_count(criteria.magnitude(k), n, nm, scope), static_argnums=1)
-        chosen = {p: sel(k, n_pruned(group_size(k.shape, scope), sparsity)) for p, k in kernels.items()}
+        chosen = {p: _magnitude_select(k, n_pruned(group_size(k.shape, scope), sparsity), nm=nm, scope=scope)
+                  for p, k in kernels.items()}
     masks = full_masks(params)
     return _like(jax.tree_util.tree_map_with_path(lambda kp, m: chosen.get(plain_path(kp), m), masks), params)
 
@@ -294,7 +337,7 @@ def wanda(params: Params, calib, sparsity: float = 0.5, pattern=None, scope: str
     _check_layer_only(paths, "wanda")
     sparsities = _layer_sparsities(params, sparsity, per_layer_sparsity)
     check_int("batch_size", batch_size)
-    prune_dense = _wanda_dense(nm, scope)
+    prune_dense = WandaRule(nm, scope)
     if isinstance(calib, dict):
         return _assemble(params, _from_stats(params, calib, paths, prune_dense, sparsities, "sumsq"))
     tokens = _validate_tokens(params, calib)
@@ -334,7 +377,7 @@ def sparsegpt(params: Params, calib, sparsity: float = 0.5, pattern=None, mode: 
     _check_layer_only(paths, "sparsegpt")
     sparsities = _layer_sparsities(params, sparsity, per_layer_sparsity)
     check_int("batch_size", batch_size)
-    prune_dense = _sparsegpt_dense(nm, blocksize, percdamp)
+    prune_dense = SparseGPTRule(nm, blocksize, percdamp)
     if isinstance(calib, dict):
         layers, layer_masks = _from_stats(params, calib, paths, prune_dense, sparsities, "hessian", updates=True)
         return _assemble(params, layer_masks, layers)
@@ -348,9 +391,13 @@ def sparsegpt(params: Params, calib, sparsity: float = 0.5, pattern=None, mode: 
     return _like(new_params, params), _like(masks, params)
 
 
+@partial(jax.jit, static_argnames="rule")
+def _prune_layer_jit(lp, stats, count, counts, rule):
+    return prune_layer(lp, stats, count, rule, counts)
+
+
 def _from_stats(params, stats, paths, prune_dense, sparsities, kind, updates=False):
     """Prune every layer from precomputed statistics (no forward pass)."""
-    from .calibration import prune_layer
     if "sums" not in stats or "count" not in stats:
         raise InvalidArgumentError("precomputed statistics must be {'sums': {...}, 'count': n} "
                                    f"(from jaxprune.input_stats(params, tokens, {kind!r}))")
@@ -359,10 +406,9 @@ def _from_stats(params, stats, paths, prune_dense, sparsities, kind, updates=Fal
     if missing:
         raise InvalidArgumentError(f"statistics are missing for {missing[:3]} ({len(missing)} kernels)")
     layers, masks = [], []
-    prune = jax.jit(lambda lp, st, c, s: prune_layer(lp, st, c, prune_dense, s), static_argnums=3)
     for i, lp in enumerate(params.tree["layers"]):
         st = {p[2:-1]: sums[path_key(p)] for p in paths if p[1] == i}
-        new, m = prune(lp, st, count, sparsities[i])
+        new, m = _prune_layer_jit(lp, st, count, prune_counts(prune_dense, lp, st, sparsities[i]), rule=prune_dense)
         layers.append(new)
         masks.append(m)
     return (layers, masks) if updates else masks

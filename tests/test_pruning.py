@@ -241,14 +241,15 @@ def test_wanda_column_blocks_match_a_numpy_row_selection(dtype, pattern):
     """Large kernels are selected in blocks of output columns (over the kernel's bits); the masks
     and pruned weights equal a plain numpy per-output selection."""
     import jax.numpy as jnp
-    from jaxprune.pruning import _column_block, _wanda_dense
+    from jaxprune.pruning import WandaRule, _column_block
     rng = np.random.default_rng(0)
     n_in, n_out = 2048, 1536
     kernel = jnp.asarray(rng.normal(size=(n_in, n_out)), dtype)
     sumsq = jnp.asarray(rng.uniform(0.5, 2.0, n_in) * 10, jnp.float32)
     assert _column_block(n_out, max(64, (1 << 20) // n_in)) < n_out      # the blocked path runs
-    new, keep = jax.jit(lambda d: _wanda_dense(pattern, "row")(("mlp", "up_proj"), d, sumsq, 10.0, 0.5))(
-        {"kernel": kernel})
+    rule = WandaRule(pattern, "row")
+    new, keep = jax.jit(lambda d, n: rule(("mlp", "up_proj"), d, sumsq, 10.0, n))(
+        {"kernel": kernel}, rule.counts(kernel.shape, 0.5))
     scores = np.abs(np.asarray(kernel, np.float32)) * np.sqrt(np.asarray(sumsq) / 10.0)[:, None]
     if pattern is None:
         ref = np.zeros(scores.shape, bool)
