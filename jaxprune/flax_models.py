@@ -2,10 +2,12 @@
 
 The inputs of every dense layer are captured during one calibration pass of the
 unpruned model (dense one-pass statistics): with `flax.linen.intercept_methods`
-on `nn.Dense`/`nn.DenseGeneral` for linen, and by wrapping `nnx.Linear.__call__`
-for NNX (a Linear is matched to its state entry by the identity of its kernel,
-which holds inside `jit` too). `jaxprune.wanda/magnitude/sparsegpt` dispatch here
-when `params` is not jaxprune `Params`.
+on `nn.Dense`/`nn.DenseGeneral` for linen, and for NNX by tracing `apply_fn` to a
+jaxpr and noting the input of every `x @ kernel` against a kernel of the state
+(an `nnx.Linear` is matched to its state entry by the kernel it multiplies; no
+class is patched, so other models and threads are unaffected).
+`jaxprune.wanda/magnitude/sparsegpt` dispatch here when `params` is not jaxprune
+`Params`.
 
 Kernels are `[in, out]` (Flax's layout); a DenseGeneral kernel `[in, *features]`
 is treated as `[in, prod(features)]`.
@@ -22,13 +24,13 @@ Example (linen):
 
 from __future__ import annotations
 
-import contextlib
 from typing import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.extend import core as jex_core
 
 from . import criteria
 from .calibration import _dense_interceptor, input_stat, plain_path
@@ -46,27 +48,92 @@ def user_default_prunable(path: tuple) -> bool:
     return bool(path) and path[-1] == "kernel"
 
 
-@contextlib.contextmanager
-def _capture_nnx(on_linear):
-    from flax import nnx
-    original = nnx.Linear.__call__
+# Primitives whose sub-jaxpr takes the equation's inputs one for one: a kernel passed into them
+# (e.g. under an inner `jax.jit`/`nnx.jit` or `nnx.remat`) is followed inside.
+_CALL_PRIMITIVES = {"jit", "pjit", "closed_call", "core_call", "checkpoint", "remat", "custom_jvp_call",
+                    "custom_vjp_call", "custom_vjp_call_jaxpr"}
 
-    def patched(self, x, *args, **kwargs):
-        kernel = self.kernel.get_value() if hasattr(self.kernel, "get_value") else self.kernel.value
-        on_linear(kernel, x)
-        return original(self, x, *args, **kwargs)
 
-    nnx.Linear.__call__ = patched
-    try:
-        yield
-    finally:
-        nnx.Linear.__call__ = original
+def _sub_jaxpr(eqn):
+    """(jaxpr, consts) of a call-like equation whose sub-jaxpr takes its inputs one for one, else None."""
+    if eqn.primitive.name not in _CALL_PRIMITIVES:
+        return None
+    for name in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
+        sub = eqn.params.get(name)
+        if isinstance(sub, jex_core.ClosedJaxpr):
+            sub, consts = sub.jaxpr, sub.consts
+        elif isinstance(sub, jex_core.Jaxpr):
+            consts = ()
+        else:
+            continue
+        if len(sub.invars) == len(eqn.invars):
+            return sub, consts
+    return None
+
+
+def _eval_recording(jaxpr, consts, args, kernels: dict, on_matmul):
+    """Evaluate `jaxpr` (in the current trace) like `jax.core.eval_jaxpr`, calling
+    ``on_matmul(kernel_id, x)`` for every ``x @ kernel`` (a `dot_general` contracting the last axis
+    of x with axis 0 of a kernel, possibly dtype-converted first) whose kernel variable is in
+    `kernels` ({jaxpr variable: kernel id})."""
+    env = {}
+
+    def read(v):
+        return v.val if isinstance(v, jex_core.Literal) else env[v]
+
+    for v, x in zip(jaxpr.constvars, consts):
+        env[v] = x
+    for v, x in zip(jaxpr.invars, args):
+        env[v] = x
+    for eqn in jaxpr.eqns:
+        invals = [read(v) for v in eqn.invars]
+        tracked = [kernels.get(v) if not isinstance(v, jex_core.Literal) else None for v in eqn.invars]
+        name = eqn.primitive.name
+        sub = _sub_jaxpr(eqn) if any(t is not None for t in tracked) else None
+        if name == "dot_general" and tracked[1] is not None:
+            (lhs_c, rhs_c), (lhs_b, rhs_b) = eqn.params["dimension_numbers"]
+            if tuple(lhs_c) == (np.ndim(invals[0]) - 1,) and tuple(rhs_c) == (0,) and not lhs_b and not rhs_b:
+                on_matmul(tracked[1], invals[0])
+        if sub is not None:
+            inner = {v: t for v, t in zip(sub[0].invars, tracked) if t is not None}
+            outs = _eval_recording(sub[0], sub[1], invals, inner, on_matmul)
+        else:
+            with eqn.ctx.manager:
+                outs = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
+            if not eqn.primitive.multiple_results:
+                outs = [outs]
+        if name == "convert_element_type" and tracked[0] is not None:
+            kernels = {**kernels, eqn.outvars[0]: tracked[0]}     # a kernel promoted to the compute dtype
+        for v, x in zip(eqn.outvars, outs):
+            if not isinstance(v, jex_core.DropVar):
+                env[v] = x
+    return [read(v) for v in jaxpr.outvars]
+
+
+def _matmul_inputs(params, batch, apply_fn: Callable, wanted: dict, record) -> None:
+    """``record(path, x)`` for the input x of every matmul of `apply_fn(params, batch)` against a
+    leaf of `params` in `wanted` ({leaf index in `jax.tree.leaves(params)`: path}).
+
+    `apply_fn` is traced to a jaxpr whose inputs are the leaves of `params`, which is then
+    evaluated in the caller's trace, noting each `x @ kernel`: no module class is patched, so
+    other models and threads are unaffected, and an `nnx.Linear` is found by its kernel whatever
+    graph `apply_fn` merges."""
+    closed = jax.make_jaxpr(lambda p, b: (apply_fn(p, b), None)[1])(params, batch)
+    n = len(jax.tree.leaves(params))
+    kernels = {v: i for i, v in enumerate(closed.jaxpr.invars[:n]) if i in wanted}
+    args = jax.tree.leaves(params) + jax.tree.leaves(batch)
+    _eval_recording(closed.jaxpr, closed.consts, args, kernels, lambda i, x: record(wanted[i], x))
 
 
 def collect(params, batch, apply_fn: Callable, kind: str) -> dict:
-    """{plain kernel path: summed input statistic} over one batch (pure; jit-able)."""
+    """{plain kernel path: summed input statistic} over one batch (pure; jit-able).
+
+    Linen `nn.Dense`/`nn.DenseGeneral` inputs are captured with `flax.linen.intercept_methods`
+    (linen params); kernels that no linen layer reached (`nnx.Linear` layers of an `nnx.State`)
+    are found in the traced computation as `x @ kernel` (see `_matmul_inputs`): the statistic
+    is then of x as the matmul sees it (after any dtype promotion of the layer)."""
     leaves = jax.tree_util.tree_flatten_with_path(params)[0]
-    by_id = {id(leaf): _strip(plain_path(kp)) for kp, leaf in leaves}
+    paths = [_strip(plain_path(kp)) for kp, _ in leaves]
     stats: dict = {}
     cache: dict = {}
 
@@ -79,14 +146,18 @@ def collect(params, batch, apply_fn: Callable, kind: str) -> dict:
         record(tuple(mpath) + ("kernel",), x)
         return call()
 
-    def on_linear(kernel, x):
-        path = by_id.get(id(kernel))
-        if path is not None:
-            record(path, x)
-
-    with nn.intercept_methods(_dense_interceptor(on_dense)), _capture_nnx(on_linear):
-        apply_fn(params, batch)
+    if type(params).__name__ != "State":            # linen params (an nnx.State holds no linen layers)
+        with nn.intercept_methods(_dense_interceptor(on_dense)):
+            apply_fn(params, batch)
+    wanted = {i: path for i, (path, (_, leaf)) in enumerate(zip(paths, leaves))
+              if np.ndim(leaf) >= 2 and path and path[-1] == "kernel" and path not in stats}
+    if wanted:
+        _matmul_inputs(params, batch, apply_fn, wanted, record)
     return stats
+
+
+_collect_jit = jax.jit(collect, static_argnames=("apply_fn", "kind"))   # one program per apply_fn and shapes
+_select_jit = jax.jit(select_count, static_argnames=("nm", "scope"))     # the prune count traced
 
 
 def _batches(calib):
@@ -117,9 +188,8 @@ def prune_user_model(params, calib, method: str, sparsity: float, nm, scope: str
             raise InvalidArgumentError(f"{method} on your own Flax model needs apply_fn(params, batch) "
                                        "to run calibration")
         kind = "sumsq" if method == "wanda" else "hessian"
-        run = jax.jit(lambda p, b: collect(p, b, apply_fn, kind))
         for b in _batches(calib):
-            st = run(params, b)
+            st = _collect_jit(params, b, apply_fn=apply_fn, kind=kind)
             stats = st if not stats else jax.tree.map(jnp.add, stats, st)
             leading = np.shape(b)[:-1]
             count += float(np.prod(leading)) if leading else 1.0
@@ -136,7 +206,7 @@ def prune_user_model(params, calib, method: str, sparsity: float, nm, scope: str
             new, keep = solve(k2, 2.0 * stats[path] / count, kf, kl, nm=nm, blocksize=blocksize, percdamp=percdamp)
         else:
             scores = criteria.magnitude(k2) if method == "magnitude" else criteria.wanda(k2, stats[path] / count)
-            keep = select_count(scores, n_pruned(group_size(k2.shape, scope), sparsity), nm, scope)
+            keep = _select_jit(scores, n_pruned(group_size(k2.shape, scope), sparsity), nm=nm, scope=scope)
             new = jnp.where(keep, k2, 0)
         keeps[path] = keep.reshape(k.shape)
         new_kernels[path] = new.reshape(k.shape).astype(k.dtype)

@@ -91,3 +91,46 @@ def test_magnitude_and_predicate_on_user_model():
     np.testing.assert_array_equal(kernel(masks, "down").ravel(), ref)
     pruned = jp.apply_masks(params, masks)
     assert (np.asarray(pruned["down"]["kernel"]) == 0).mean() == 0.25
+
+
+class JittedNNXMLP(nnx.Module):
+    """Layers called under an inner jax.jit (their kernels reach the matmul inside a sub-jaxpr)."""
+
+    def __init__(self, rngs):
+        self.up = nnx.Linear(16, 32, rngs=rngs)
+        self.down = nnx.Linear(32, 8, rngs=rngs)
+
+    def __call__(self, x):
+        up = jax.jit(lambda k, b, x: x @ k + b)   # the same matmul nnx.Linear does, behind a jit
+        return self.down(jax.nn.relu(up(self.up.kernel[...], self.up.bias[...], x)))
+
+
+def test_nnx_capture_patches_no_class_and_follows_inner_jits():
+    """NNX inputs are found in the traced computation: nnx.Linear.__call__ is never replaced (other
+    models and threads see the class unchanged), and kernels used under an inner jit are found."""
+    original = nnx.Linear.__call__
+    seen = []
+    graphdef, state = nnx.split(JittedNNXMLP(nnx.Rngs(0)), nnx.Param)
+
+    def apply_fn(s, b):
+        seen.append(nnx.Linear.__call__ is original)
+        return nnx.merge(graphdef, s)(b)
+
+    masks = jp.wanda(state, [X[0], X[1]], sparsity=0.5, apply_fn=apply_fn)
+    assert seen and all(seen) and nnx.Linear.__call__ is original
+    get = lambda t, name: np.asarray(jax.tree.leaves(t[name]["kernel"])[0])
+    bias = np.asarray(jax.tree.leaves(state["up"]["bias"])[0])
+    inputs = np_inputs(get(state, "up"), bias)
+    for name in ("up", "down"):
+        np.testing.assert_array_equal(get(masks, name), np_wanda(get(state, name), inputs[name]))
+
+
+def test_second_call_on_a_user_model_compiles_nothing():
+    from test_compile_once import count_compiles
+    for params, apply_fn, _, _ in (linen_setup(), nnx_setup()):
+        jp.wanda(params, [X[0], X[1]], sparsity=0.5, apply_fn=apply_fn)
+        jp.magnitude(params, sparsity=0.5)
+        with count_compiles() as names:
+            jax.block_until_ready(jp.wanda(params, [X[0], X[1]], sparsity=0.3, apply_fn=apply_fn))
+            jax.block_until_ready(jp.magnitude(params, sparsity=0.25))
+        assert names == [], names
