@@ -339,21 +339,14 @@ def rolling_loglikelihoods(params: Params, tok, texts, batch_size: int = 8, max_
 
 # --------------------------------------------------------------------------- generation
 
-_COMPILED: collections.OrderedDict = collections.OrderedDict()
+_decode_jit = jax.jit(_decode_core, static_argnames=("max_new_tokens",))
 
 
 def _decode_fn(params, buf, lengths, stop, gates, n: int):
-    """The greedy decoder compiled ahead of time for these shapes (cached), so calls can be timed."""
-    leaves, tree = jax.tree.flatten((params, gates))
-    key = (tree, tuple((x.shape, str(x.dtype)) for x in leaves), buf.shape, stop.shape, n)
-    fn = _COMPILED.get(key)
-    if fn is None:
-        fn = jax.jit(_decode_core, static_argnames=("max_new_tokens",)).lower(
-            params, buf, lengths, stop, gates, max_new_tokens=n).compile()
-        _COMPILED[key] = fn
-        while len(_COMPILED) > 16:
-            _COMPILED.popitem(last=False)
-    return fn
+    """The greedy decoder compiled ahead of time for these shapes, so calls can be timed without
+    compilation. JAX caches the lowering and the executable of the one module-level jitted
+    decoder, so shapes seen before compile nothing."""
+    return _decode_jit.lower(params, buf, lengths, stop, gates, max_new_tokens=n).compile()
 
 
 def generate_ids(params: Params, prompts, max_new_tokens: int, stop_token_ids=(), stop_fn=None,
@@ -495,7 +488,7 @@ def _lm_class():
     global _LM_CLASS
     if _LM_CLASS is not None:
         return _LM_CLASS
-    LM, registry = _require_lm_eval()
+    LM, _ = _require_lm_eval()
 
     class JaxpruneLM(LM):
         """lm-evaluation-harness model backed by a jaxprune model (greedy, batched, jit-compiled).
@@ -513,8 +506,8 @@ def _lm_class():
           pretrained: same as a source in `params` (for `model_args="pretrained=..."`).
           device, max_batch_size: accepted for lm-eval's string-model path, and ignored.
 
-        Registered with lm-eval as "jaxprune" once built, so
-        `simple_evaluate(model="jaxprune", model_args="pretrained=smollm2-135m")` works too.
+        After `register_with_lm_eval()`, lm-eval also finds it by name:
+        `simple_evaluate(model="jaxprune", model_args="pretrained=smollm2-135m")`.
 
         Example:
             >>> import lm_eval, jaxprune as jp                                 # doctest: +SKIP
@@ -646,12 +639,31 @@ def _lm_class():
 
     JaxpruneLM.__qualname__ = "JaxpruneLM"
     JaxpruneLM.__module__ = __name__
-    try:
-        registry.register_model("jaxprune")(JaxpruneLM)
-    except Exception as e:                      # an older registry, or the name already taken
-        log.debug("could not register JaxpruneLM with lm-eval: %s", e)
     _LM_CLASS = JaxpruneLM
     return JaxpruneLM
+
+
+def register_with_lm_eval(name: str = "jaxprune"):
+    """Register `JaxpruneLM` in lm-eval's model registry under `name`, so lm-eval can build it from
+    a string: ``lm_eval.simple_evaluate(model="jaxprune", model_args="pretrained=smollm2-135m")``.
+
+    Nothing registers by itself: importing jaxprune or building a `JaxpruneLM` leaves lm-eval's
+    registry alone. Registering again under the same name is a no-op. Returns the class.
+    (Passing a `JaxpruneLM` instance as ``model=`` needs no registration.)
+
+    Example:
+        >>> register_with_lm_eval()                                        # doctest: +SKIP
+        <class 'jaxprune.harness.JaxpruneLM'>
+    """
+    cls = _lm_class()
+    _, registry = _require_lm_eval()
+    try:
+        if registry.get_model(name) is cls:
+            return cls
+    except Exception:                            # not registered yet (lm-eval raises on unknown names)
+        pass
+    registry.register_model(name)(cls)
+    return cls
 
 
 def lm_eval_model(params, tokenizer=None, **kwargs):

@@ -21,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable
 
 import jax
@@ -77,20 +78,16 @@ def _stack_size(stacked_gates) -> int:
 
 def evaluate(utility, params, stacked_gates, batch_size: int | None = 8) -> np.ndarray:
     """Scores [S] of S sub-models (gates with a leading axis S): a traceable utility runs as
-    one jitted `lax.map` over the batch, `batch_size` sub-models per vmapped forward."""
+    one jitted `lax.map` over the batch, `batch_size` sub-models per vmapped forward.
+
+    The program is compiled once per utility (the same function object), batch size and shapes:
+    keep one utility for all calls (as `jaxprune.bonsai` does) rather than building a new one."""
     _stack_size(stacked_gates)
     if hasattr(utility, "evaluate_batch"):
         return np.asarray(utility.evaluate_batch(params, stacked_gates, batch_size=batch_size))
-    return np.asarray(_mapped(utility, batch_size)(params, stacked_gates))
+    return np.asarray(_mapped(params, stacked_gates, utility=utility, batch_size=batch_size))
 
 
-_CACHE: dict = {}
-
-
-def _mapped(utility, batch_size):
-    key = (utility, batch_size)
-    if key not in _CACHE:
-        if len(_CACHE) > 16:
-            _CACHE.clear()
-        _CACHE[key] = jax.jit(lambda p, g: jax.lax.map(lambda gi: utility(p, gi), g, batch_size=batch_size))
-    return _CACHE[key]
+@partial(jax.jit, static_argnames=("utility", "batch_size"))
+def _mapped(params, stacked_gates, utility, batch_size):
+    return jax.lax.map(lambda g: utility(params, g), stacked_gates, batch_size=batch_size)

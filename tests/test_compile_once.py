@@ -171,3 +171,16 @@ def test_second_generation_compiles_nothing():
     with count_compiles() as names:
         out2, seconds = harness.generate_ids(params, [[1, 2, 3], [4]], 5, batch_size=2)
     assert names == [] and out1 == out2 and seconds > 0
+
+
+def test_utility_evaluate_compiles_once_per_utility():
+    from jaxprune import utility
+    params = tiny()
+    u = utility.perplexity_utility(calib(n=2, seqlen=8))
+    g = {"ffn": jnp.ones((4, 2, 64)).at[1, 0, :32].set(0.0)}
+    first = utility.evaluate(u, params, g, batch_size=2)
+    other = {"ffn": g["ffn"][::-1]}
+    with count_compiles() as names:
+        again = utility.evaluate(u, params, other, batch_size=2)
+    assert names == [], names
+    np.testing.assert_allclose(again, first[::-1], rtol=1e-6)

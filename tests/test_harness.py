@@ -52,6 +52,8 @@ def test_is_an_lm_eval_model(hf):
     lm = harness.JaxpruneLM(params, ByteTok())
     assert isinstance(lm, LM) and issubclass(harness.JaxpruneLM, LM)
     assert lm.max_length == 128 and lm.batch_size == 8
+    assert harness.register_with_lm_eval() is harness.JaxpruneLM
+    assert harness.register_with_lm_eval() is harness.JaxpruneLM              # again: a no-op
     assert lm_eval.api.registry.get_model("jaxprune") is harness.JaxpruneLM
     with pytest.raises(InvalidArgumentError, match="max_position_embeddings"):
         harness.JaxpruneLM(params, ByteTok(), max_length=1000)
@@ -298,6 +300,18 @@ metric_list:
     assert r["jp_next"]["acc,none"] == pytest.approx(
         jp_tasks.continuation_accuracy(params, tok, cont, normalize=None))
     assert math.isfinite(r["jp_mc"]["acc,none"])
+
+
+def test_registration_is_explicit():
+    """Building JaxpruneLM leaves lm-eval's registry alone; register_with_lm_eval() registers it."""
+    import subprocess
+    import sys
+    code = ("from lm_eval.api import registry; from jaxprune import harness; harness.JaxpruneLM\n"
+            "try:\n    registry.get_model('jaxprune'); print('registered')\n"
+            "except ValueError:\n    print('not registered')\n"
+            "cls = harness.register_with_lm_eval(); print(registry.get_model('jaxprune') is cls)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["not", "registered", "True"]
 
 
 def test_lm_eval_is_imported_lazily(monkeypatch):
