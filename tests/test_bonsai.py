@@ -135,6 +135,8 @@ def test_bonsai_reaches_the_target_and_is_reproducible(tiny):
     dense = structured.non_embedding_params(params)
     small = r1.compact(params)
     assert structured.non_embedding_params(small) == r1.history[-1]["params_left"] < dense
+    for r in r1.history:       # the size accounting (expected_size of 0/1 gates) is the compacted count
+        assert r["params_left"] == structured.non_embedding_params(jp.compact(params, r["gates"]))
     tokens = calib[:1]
     np.testing.assert_allclose(jp.forward(small, tokens), jp.forward(params, tokens, r1.gates), atol=1e-4)
     fractions = [r["removed_fraction"] for r in r1.history]
