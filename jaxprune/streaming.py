@@ -310,7 +310,7 @@ def prune_streaming(source: str, out: str, calib, method: str = "wanda", sparsit
             packed[path] = (keep.shape, np.packbits(np.asarray(keep)))
 
         new_lp, masks, X = pruner.step(lp, X, ctx, models.kv_groups(config, i), sparsity, target, count,
-                                       take_mask=take_mask)
+                                       take_mask=take_mask, layer_type=models.layer_type(config, i))
         for path, keep in masks.items():   # as-you-go mode returns them at the end
             take_mask(path, keep)
         del masks
