@@ -61,8 +61,8 @@ def main():
 
     import jaxprune as jp
     from benchmarks.common import machine, write_section
-    from jaxprune import generation_metrics as gm
-    from jaxprune import tasks
+    from jaxprune.evaluation import generation_metrics as gm
+    from jaxprune.evaluation import tasks
 
     t0 = time.perf_counter()
     dense = jp.load("smollm2-135m")
@@ -105,7 +105,7 @@ def main():
         print({k: v for k, v in r.items() if k != "sample"}, flush=True)
 
     lines = [f"Machine: {machine()}.",
-             f"SmolLM2-135M-Instruct (GGUF, float32). Offline proxy tasks from prideprejudice (`jaxprune.tasks`, "
+             f"SmolLM2-135M-Instruct (GGUF, float32). Offline proxy tasks from prideprejudice (`jaxprune.evaluation.tasks`, "
              f"seed 0): {n_lw} last-word examples (50+ word passages), {n_ct} next-sentence examples (3 context "
              f"sentences, 4 choices), {n_gen} greedy generations of 32 tokens from {GEN_CONTEXT_WORDS}+ word passages "
              "scored against the next 24 words (ROUGE F, stemmed; cosine of the dense model's mean-pooled final hidden "

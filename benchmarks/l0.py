@@ -19,7 +19,7 @@ import time
 import jax
 
 import jaxprune as jp
-from jaxprune import structured
+from jaxprune.structured import units as structured
 from benchmarks.common import machine, write_section
 
 TARGET = 0.3
@@ -43,14 +43,15 @@ def main():
     dense = jp.perplexity(params, ev, seqlen=512)
     rows = []
 
-    log = lambda s, r: print(f"step {s}: data loss {r['data']:.3f}, expected size {r['expected']['size']:.3f} "
+    log = lambda r: print(f"step {r['step']}: data loss {r['data']:.3f}, expected size {r['expected']['size']:.3f} "
                              f"(target {r['target']['size']:.3f}), lambdas {r['lambdas']['size']}", flush=True)
     tokens = args.steps * args.batch_size * args.seqlen
     notes = []
     for mode in args.modes.split(","):
         t = time.perf_counter()
         res = jp.l0_prune(params, train, target=TARGET, steps=args.steps, batch_size=args.batch_size,
-                          train_params=mode == "weights", show_progress=True, callback=log, log_every=10)
+                          train_params=mode == "weights", key=jax.random.key(0), show_progress=True, callback=log,
+                          log_every=10)
         seconds = time.perf_counter() - t
         small = jp.compact(res.params, res.gates)
         kept = ", ".join(f"{k} {float(v.sum()):.0f}/{v.size}" for k, v in sorted(res.gates.items()))

@@ -18,7 +18,7 @@ import numpy as np
 import optax
 
 import jaxprune as jp
-from jaxprune.lora import lora_finetune, lora_merge
+from jaxprune.training.lora import lora_finetune, lora_merge
 from benchmarks.common import machine, write_section
 
 
@@ -58,8 +58,8 @@ def main():
 
     t = time.perf_counter()
     res = lora_finetune(pruned, train, masks=masks, rank=args.rank, steps=args.steps, batch_size=args.batch_size,
-                        optimizer=optax.adam(args.lr), show_progress=True,
-                        callback=lambda s, r: print(f"step {s}: loss {r['loss']:.3f}", flush=True))
+                        optimizer=optax.adam(args.lr), key=jax.random.key(0), show_progress=True,
+                        callback=lambda r: print(f"step {r['step']}: loss {r['loss']:.3f}", flush=True))
     seconds = time.perf_counter() - t
     merged = lora_merge(pruned, res.adapters, masks)
     after = jp.perplexity(merged, ev, seqlen=512)
@@ -67,7 +67,7 @@ def main():
     control = None
     if args.control:
         ctl = lora_finetune(params, train, rank=args.rank, steps=args.steps, batch_size=args.batch_size,
-                            optimizer=optax.adam(args.lr), show_progress=True)
+                            optimizer=optax.adam(args.lr), key=jax.random.key(0), show_progress=True)
         control = jp.perplexity(lora_merge(params, ctl.adapters), ev, seqlen=512)
     n_adapter = sum(int(np.size(x)) for x in jax.tree.leaves(res.adapters))
     tokens = args.steps * args.batch_size * args.seqlen

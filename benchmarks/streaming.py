@@ -37,7 +37,7 @@ def child(args):
     import jax.numpy as jnp
     import numpy as np
     import jaxprune as jp
-    from jaxprune import streaming
+    from jaxprune.oneshot import streaming
     from jaxprune.io.hf import read_config
 
     jax.jit(lambda x: x + 1)(jnp.ones(4)).block_until_ready()
@@ -100,7 +100,7 @@ def main():
 
     import ml_dtypes
     import jaxprune as jp
-    from jaxprune import streaming
+    from jaxprune.oneshot import streaming
     from benchmarks.common import machine, write_section
 
     def config(layers):

@@ -21,8 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxprune as jp
-from jaxprune import structured
-from jaxprune.utility import evaluate, perplexity_utility
+from jaxprune.structured import units as structured
+from jaxprune.structured.utility import evaluate, perplexity_utility
 from benchmarks.common import best_of, machine, write_section
 
 LEVELS = (0.2, 0.3, 0.5)
@@ -124,7 +124,7 @@ def main():
             row[name] = (jp.perplexity(small, ev, seqlen=512), rec["removed_fraction"], tokens_per_s(small, speed_tokens))
         if fc is not None:
             k = int(np.searchsorted(np.asarray(fc.params_removed), level * dense_n - 0.5) + 1)
-            small = jp.compact(params, fc.gates(k))
+            small = jp.compact(params, fc.gates_after(k))
             row["finercut"] = (jp.perplexity(small, ev, seqlen=512),
                                1 - structured.non_embedding_params(small) / dense_n, tokens_per_s(small, speed_tokens))
         rows.append(row)

@@ -8,39 +8,40 @@ Example:
     >>> jp.perplexity(params, ev, seqlen=512)                              # doctest: +SKIP
 """
 
-from .config import LlamaConfig, OPTConfig
-from .models.gemma import Gemma2Config, Gemma3Config
-from .models.mistral import MistralConfig
-from .models.qwen import Qwen2Config, Qwen3Config
-from .data import bundled_text, calibration_windows, eval_windows, read_text
-from .errors import CheckpointError, DataError, InvalidArgumentError, JaxpruneError, UnsupportedModelError
-from .evaluate import perplexity
-from .io.checkpoints import checkpoint_args, load_checkpoint, restore_checkpoint, save_checkpoint
-from .io.compressed import load_compressed, save_compressed
-from .io.export import load_masks, save
-from .io.resolve import load, tokenizer
-from .calibration import input_stats
-from .compact import compact
-from .bonsai import bonsai
-from .finercut import finercut
-from .l0 import l0_prune
-from .lora import lora_finetune, lora_merge
-from .training import keep_masked
-from .masks import apply_masks, summary as sparsity_summary
-from .models import forward, init
-from .owl import owl_sparsities
-from .pruning import default_prunable, magnitude, sparsegpt, wanda
-from .params import Params
-from .tasks import continuation_accuracy, continuation_task, generation_task, last_word_accuracy, last_word_task
-from .tasks import write_lm_eval_task
-from .generation_metrics import evaluate_generation, hidden_state_embedder, nonzero_parameters, rouge_scores
-from . import report
+from jaxprune.models.config import LlamaConfig, OPTConfig
+from jaxprune.models.gemma import Gemma2Config, Gemma3Config
+from jaxprune.models.mistral import MistralConfig
+from jaxprune.models.qwen import Qwen2Config, Qwen3Config
+from jaxprune.data.text import bundled_text, calibration_windows, eval_windows, read_text
+from jaxprune.errors import CheckpointError, DataError, InvalidArgumentError, JaxpruneError, UnsupportedModelError
+from jaxprune.evaluation.perplexity import perplexity
+from jaxprune.io.checkpoints import checkpoint_args, load_checkpoint, restore_checkpoint, save_checkpoint
+from jaxprune.io.compressed import load_compressed, save_compressed
+from jaxprune.io.export import load_masks, save
+from jaxprune.io.resolve import load, tokenizer
+from jaxprune.calibration.capture import input_stats
+from jaxprune.structured.compact import compact
+from jaxprune.structured.bonsai import bonsai
+from jaxprune.structured.finercut import finercut
+from jaxprune.structured.l0 import l0_prune
+from jaxprune.training.lora import lora_finetune, lora_merge
+from jaxprune.training.masked import keep_masked
+from jaxprune.masks import apply_masks, summary as sparsity_summary
+from jaxprune.models import forward, init
+from jaxprune.oneshot.owl import owl_sparsities
+from jaxprune.oneshot.pruning import default_prunable, magnitude, sparsegpt, wanda
+from jaxprune.oneshot.contract import ONE_SHOT_METHODS, PruneResult, prune
+from jaxprune.core.params import Params
+from jaxprune.evaluation.tasks import continuation_accuracy, continuation_task, generation_task, last_word_accuracy, last_word_task
+from jaxprune.evaluation.tasks import write_lm_eval_task
+from jaxprune.evaluation.generation_metrics import evaluate_generation, hidden_state_embedder, nonzero_parameters, rouge_scores
+from jaxprune import report
 
 
 def __getattr__(name):
     # JaxpruneLM subclasses lm-eval's LM, so it is built (and lm-eval imported) only on first use.
     if name == "JaxpruneLM":
-        from .harness import JaxpruneLM
+        from jaxprune.evaluation.harness import JaxpruneLM
         return JaxpruneLM
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
@@ -74,6 +75,9 @@ __all__ = [
     "sparsegpt",
     "sparsity_summary",
     "wanda",
+    "prune",
+    "PruneResult",
+    "ONE_SHOT_METHODS",
     "UnsupportedModelError",
     "bundled_text",
     "calibration_windows",

@@ -26,7 +26,7 @@ import os
 import sys
 import time
 
-from .errors import CheckpointError, InvalidArgumentError, JaxpruneError
+from jaxprune.errors import CheckpointError, InvalidArgumentError, JaxpruneError
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -46,7 +46,7 @@ def cmd_info(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from .io.resolve import load
+    from jaxprune.io.resolve import load
 
     params = load(args.model)
     cfg = params.config
@@ -77,9 +77,9 @@ def cmd_info(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .data import eval_windows, read_text
-    from .evaluate import perplexity
-    from .io.resolve import load, tokenizer
+    from jaxprune.data.text import eval_windows, read_text
+    from jaxprune.evaluation.perplexity import perplexity
+    from jaxprune.io.resolve import load, tokenizer
 
     t0 = time.perf_counter()
     params = load(args.model)
@@ -100,12 +100,12 @@ def cmd_prune(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from .evaluate import perplexity
-    from .io.export import save
-    from .masks import apply_masks, summary
-    from .owl import owl_sparsities
-    from .pruning import magnitude, sparsegpt, wanda
-    from .report import layer_statistics
+    from jaxprune.evaluation.perplexity import perplexity
+    from jaxprune.io.export import save
+    from jaxprune.masks import apply_masks, summary
+    from jaxprune.oneshot.owl import owl_sparsities
+    from jaxprune.oneshot.pruning import magnitude, sparsegpt, wanda
+    from jaxprune.report import layer_statistics
 
     if args.method in STRUCTURED:
         return cmd_prune_structured(args)
@@ -153,7 +153,7 @@ def cmd_prune(args) -> int:
     report["devices"] = {"processes": jax.process_count(), "devices": jax.device_count(),
                          "mesh": dict(mesh.shape) if mesh is not None else None}
     if jax.process_count() > 1:
-        from .distributed import gather
+        from jaxprune.parallel.distributed import gather
         pruned, masks = gather(pruned), gather(masks)
         if jax.process_index() != 0:
             return 0
@@ -180,7 +180,7 @@ def _versions() -> dict:
 
     import jax
 
-    from . import __version__
+    from jaxprune import __version__
     return {"jaxprune": __version__, "jax": jax.__version__, "python": platform.python_version(),
             "backend": jax.default_backend()}
 
@@ -190,7 +190,7 @@ def _mesh(args):
     import jax
     if args.model_parallel is None and jax.process_count() == 1:
         return None
-    from .distributed import make_mesh
+    from jaxprune.parallel.distributed import make_mesh
     return make_mesh(model=args.model_parallel or 1)
 
 
@@ -200,9 +200,9 @@ def cmd_prune_streaming(args) -> int:
 
     import numpy as np
 
-    from .data import CALIBRATION_TEXTS, calibration_windows, read_text
-    from .io.resolve import tokenizer
-    from .streaming import prune_streaming, return_freed_memory
+    from jaxprune.data.text import CALIBRATION_TEXTS, calibration_windows, read_text
+    from jaxprune.io.resolve import tokenizer
+    from jaxprune.oneshot.streaming import prune_streaming, return_freed_memory
 
     if args.method not in ("wanda", "sparsegpt"):
         raise InvalidArgumentError(f"--stream prunes with wanda or sparsegpt, not {args.method}")
@@ -230,8 +230,8 @@ def cmd_prune_streaming(args) -> int:
 
 def _inputs(args, n_calib_default: int, calib_seqlen: int, timings: dict):
     """Model, tokenizer, calibration sources and windows, evaluation windows (load time recorded)."""
-    from .data import CALIBRATION_TEXTS, calibration_windows, eval_windows, read_text
-    from .io.resolve import load, tokenizer
+    from jaxprune.data.text import CALIBRATION_TEXTS, calibration_windows, eval_windows, read_text
+    from jaxprune.io.resolve import load, tokenizer
     t = time.perf_counter()
     params = load(args.model)
     tok = tokenizer(args.model)
@@ -245,7 +245,7 @@ def _inputs(args, n_calib_default: int, calib_seqlen: int, timings: dict):
 
 def _check_prune_args(args) -> None:
     """--sparsity, --pattern, --seqlen and --n-calib, checked before anything is loaded."""
-    from .masks import check_sparsity, parse_pattern
+    from jaxprune.masks import check_sparsity, parse_pattern
     for flag, check in (("--sparsity", lambda: check_sparsity(args.sparsity)),
                         ("--pattern", lambda: parse_pattern(args.pattern))):
         try:
@@ -278,13 +278,13 @@ def cmd_prune_structured(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from .bonsai import bonsai
-    from .compact import compact
-    from .evaluate import perplexity
-    from .finercut import finercut
-    from .io.export import save
-    from .report import removed_units
-    from .structured import non_embedding_params
+    from jaxprune.structured.bonsai import bonsai
+    from jaxprune.structured.compact import compact
+    from jaxprune.evaluation.perplexity import perplexity
+    from jaxprune.structured.finercut import finercut
+    from jaxprune.io.export import save
+    from jaxprune.report import removed_units
+    from jaxprune.structured.units import non_embedding_params
 
     if args.target is None or not 0 < args.target < 1:
         raise InvalidArgumentError(f"--method {args.method} needs --target, a fraction in (0, 1) of non-embedding "
@@ -309,7 +309,7 @@ def cmd_prune_structured(args) -> int:
         details = [{k: v for k, v in r.items() if k != "gates"} for r in res.history]
     else:
         res = finercut(params, calib, target=args.target, show_progress=args.progress)
-        gates = res.gates()
+        gates = res.gates
         details = [{"removed": f"{kind} {i}", "divergence": d} for (kind, i), d in zip(res.order, res.divergences)]
         for row in details:
             console.print(f"removed {row['removed']} (JSD {row['divergence']:.4f})")
@@ -341,7 +341,7 @@ def cmd_prune_structured(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .report import render
+    from jaxprune.report import render
     res = render(args.runs, args.out)
     print(f"wrote {res['markdown']} and {len(res['plots'])} plot(s): "
           + ", ".join(os.path.basename(p) for p in res["plots"]))
@@ -401,7 +401,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if getattr(args, "coordinator", None) or os.environ.get("JAXPRUNE_COORDINATOR"):
-            from .distributed import initialize
+            from jaxprune.parallel.distributed import initialize
             initialize(getattr(args, "coordinator", None), getattr(args, "num_processes", None),
                        getattr(args, "process_id", None))
         return args.func(args)

@@ -31,7 +31,7 @@ import os
 import jax
 import numpy as np
 
-from .errors import CheckpointError, InvalidArgumentError
+from jaxprune.errors import CheckpointError, InvalidArgumentError
 
 
 def row_chunks(w, keep, rows: int = 256):

@@ -26,8 +26,8 @@ import jaxprune as jp
 from jaxprune import masks as M
 from jaxprune.cli import main
 from jaxprune.errors import CheckpointError, DataError, InvalidArgumentError
-from jaxprune.streaming import prune_streaming
-from jaxprune.tokenization import Tokenizer
+from jaxprune.oneshot.streaming import prune_streaming
+from jaxprune.data.tokenization import Tokenizer
 
 DOC = os.path.join(os.path.dirname(__file__), "..", "docs", "errors.md")
 

@@ -12,10 +12,10 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import jaxprune as jp
-from jaxprune import structured
-from jaxprune.utility import evaluate, perplexity_utility
+from jaxprune.structured import units as structured
+from jaxprune.structured.utility import evaluate, perplexity_utility
 
-B = importlib.import_module("jaxprune.bonsai")  # the module (jp.bonsai is the function)
+B = importlib.import_module("jaxprune.structured.bonsai")  # the module (jp.bonsai is the function)
 
 CFG = jp.LlamaConfig(vocab_size=64, hidden_size=48, intermediate_size=40, num_hidden_layers=2,
                      num_attention_heads=6, num_key_value_heads=2)
@@ -148,7 +148,7 @@ def test_prior_only_mode_and_errors(tiny):
     r = jp.bonsai(params, calib, target=0.2, n_samples=0, show_progress=False)
     assert r.removed_fraction >= 0.2 and "ridge" not in r.history[0]
     for bad in (dict(target=1.2), dict(target=0.2, n_samples=3), dict(target=0.2, kinds=("attn",)),
-                dict(target=0.2, step=0.0)):
+                dict(target=0.2, step=0.0), dict(target=0.2, n_samples=4)):   # the last: sampling needs a key
         with pytest.raises(jp.InvalidArgumentError):
             jp.bonsai(params, calib, **bad)
     with pytest.raises(jp.InvalidArgumentError):
@@ -169,8 +169,9 @@ def test_bonsai_takes_any_utility_traceable_or_host_side(tiny):
 
     weights = jnp.arange(1.0, 41.0)  # integer sums: exact in float32 and float64
     traced = jp.bonsai(params, calib, target=0.1, n_samples=16, utility=lambda p, g: g["ffn"][0] @ weights,
-                       show_progress=False)
-    host = jp.bonsai(params, calib, target=0.1, n_samples=16, utility=HostUtility(), show_progress=False)
+                       key=jax.random.key(0), show_progress=False)
+    host = jp.bonsai(params, calib, target=0.1, n_samples=16, utility=HostUtility(), key=jax.random.key(0),
+                     show_progress=False)
     assert HostUtility.calls == [16] * len(host.history) and len(host.history) >= 1
     assert traced.removed_fraction >= 0.1 and host.removed_fraction >= 0.1
     for k in traced.gates:

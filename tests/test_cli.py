@@ -124,7 +124,7 @@ def check_report(rep, reports, plots):
 def test_structured_prune_writes_a_smaller_model(opt_dir, tmp_path, capsys, method):
     import json
     import jaxprune as jp
-    from jaxprune.structured import non_embedding_params
+    from jaxprune.structured.units import non_embedding_params
     d = with_char_tokenizer(opt_dir, tmp_path)
     text = tmp_path / "t.txt"
     text.write_text("It is a truth universally acknowledged.\n\nThat a single man. " * 30)
@@ -160,7 +160,7 @@ def test_prune_stream_equals_in_memory_masks(opt_dir, tmp_path, capsys):
     import jax
     import numpy as np
     import jaxprune as jp
-    from jaxprune.streaming import load_masks
+    from jaxprune.oneshot.streaming import load_masks
     d = with_char_tokenizer(opt_dir, tmp_path)
     text = tmp_path / "t.txt"
     text.write_text("It is a truth universally acknowledged.\n\nThat a single man. " * 30)

@@ -11,7 +11,7 @@ from hypothesis import given, settings, strategies as st
 
 import jaxprune as jp
 from jaxprune import models
-from jaxprune.compact import compact, effective_gates, param_count
+from jaxprune.structured.compact import compact, effective_gates, param_count
 from jaxprune.models.gates import ones_like_model
 
 from conftest import torch_logits

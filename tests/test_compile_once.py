@@ -155,8 +155,8 @@ def test_second_lora_and_l0_runs_compile_nothing():
     masks = jp.magnitude(params, sparsity=0.5)
     pruned = jp.apply_masks(params, masks)
     kw = dict(masks=masks, rank=4, steps=2, batch_size=2, show_progress=False)
-    jp.lora_finetune(pruned, tokens, **kw)
-    l0kw = dict(target=0.3, steps=2, batch_size=2, show_progress=False)
+    jp.lora_finetune(pruned, tokens, key=jax.random.key(0), **kw)
+    l0kw = dict(target=0.3, steps=2, batch_size=2, show_progress=False, key=jax.random.key(0))
     jp.l0_prune(params, tokens, **l0kw)
     with count_compiles() as names:
         jp.lora_finetune(pruned, tokens, key=jax.random.key(3), **kw)
@@ -165,7 +165,7 @@ def test_second_lora_and_l0_runs_compile_nothing():
 
 
 def test_second_generation_compiles_nothing():
-    from jaxprune import harness
+    from jaxprune.evaluation import harness
     params = tiny()
     out1, _ = harness.generate_ids(params, [[1, 2, 3], [4]], 5, batch_size=2)
     with count_compiles() as names:
@@ -174,7 +174,7 @@ def test_second_generation_compiles_nothing():
 
 
 def test_utility_evaluate_compiles_once_per_utility():
-    from jaxprune import utility
+    from jaxprune.structured import utility
     params = tiny()
     u = utility.perplexity_utility(calib(n=2, seqlen=8))
     g = {"ffn": jnp.ones((4, 2, 64)).at[1, 0, :32].set(0.0)}

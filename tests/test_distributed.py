@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import jaxprune as jp
-from jaxprune import distributed
+from jaxprune.parallel import distributed
 
 HERE = os.path.dirname(__file__)
 ROOT = os.path.dirname(HERE)

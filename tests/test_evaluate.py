@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import jaxprune as jp
-from jaxprune.config import config_from_hf
+from jaxprune.models.config import config_from_hf
 from jaxprune.io.hf import from_named_arrays
 
 from conftest import hf_to_named, tiny_llama, torch_logits

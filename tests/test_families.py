@@ -226,7 +226,7 @@ def test_mixed_layer_types_need_the_layer_type():
     (dict(model_type="gemma2", use_bidirectional_attention=True), "bidirectional"),
 ])
 def test_unsupported_configs_are_rejected(d, match):
-    from jaxprune.config import config_from_hf
+    from jaxprune.models.config import config_from_hf
     base = dict(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2)
     with pytest.raises((jp.UnsupportedModelError, jp.InvalidArgumentError), match=match):
         config_from_hf({**base, **d})
@@ -235,7 +235,7 @@ def test_unsupported_configs_are_rejected(d, match):
 def test_config_spellings():
     """Gemma 3's transformers-4 spelling (rope_theta, rope_local_base_freq, rope_scaling,
     sliding_window_pattern) reads the same as transformers 5's rope_parameters per layer type."""
-    from jaxprune.config import config_from_hf
+    from jaxprune.models.config import config_from_hf
     base = dict(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=6, num_attention_heads=2,
                 head_dim=8, model_type="gemma3_text")
     old = config_from_hf({**base, "rope_theta": 1e6, "rope_local_base_freq": 1e4, "sliding_window_pattern": 3,

@@ -11,7 +11,7 @@ import pytest
 
 import jaxprune as jp
 
-fc = importlib.import_module("jaxprune.finercut")   # the module; `jaxprune.finercut` is the function
+fc = importlib.import_module("jaxprune.structured.finercut")   # the module; `jaxprune.structured.finercut` is the function
 
 L = 3
 
@@ -78,7 +78,7 @@ ARCHS = ["llama", "opt"]
 @pytest.mark.parametrize("kind", ["attn", "mlp"])
 def test_zeroed_sublayer_is_removed_first(arch, kind):
     params = zero_output(tiny(arch), kind, 1)
-    res = fc.finercut(params, calib(params), n_remove=2, batch_size=4, show_progress=False)
+    res = fc.finercut(params, calib(params), n_remove=2, submodels_per_batch=4, show_progress=False)
     assert res.order[0] == (kind, 1)
     assert abs(res.divergences[0]) < 1e-6
     assert res.divergences[1] > 1e-4
@@ -102,7 +102,7 @@ def test_vmapped_candidates_equal_a_loop_of_forwards(arch):
 def test_greedy_choices_and_divergences_match_the_loop(arch):
     params = tiny(arch)
     tokens = calib(params)
-    res = fc.finercut(params, tokens, n_remove=3, batch_size=4, show_progress=False)
+    res = fc.finercut(params, tokens, n_remove=3, submodels_per_batch=4, show_progress=False)
     for k, (chosen, div) in enumerate(zip(res.order, res.divergences)):
         remaining = [c for c in fc.sublayer_params(params) if c not in res.order[:k]]
         want = loop_divergences(params, tokens, res.order[:k], remaining)
@@ -113,30 +113,30 @@ def test_greedy_choices_and_divergences_match_the_loop(arch):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_full_order_is_a_permutation_and_gates_follow_it(arch):
     params = tiny(arch)
-    res = fc.finercut(params, calib(params), batch_size=4, show_progress=False)
+    res = fc.finercut(params, calib(params), submodels_per_batch=4, show_progress=False)
     sizes = fc.sublayer_params(params)
     assert len(res.order) == len(set(res.order)) == 2 * L
     assert set(res.order) == set(sizes)
     assert res.params_removed == list(np.cumsum([sizes[c] for c in res.order]))
     assert len(res.divergences) == 2 * L and all(np.isfinite(res.divergences))
     for k in range(2 * L + 1):
-        g = res.gates(k)
+        g = res.gates_after(k)
         assert set(g) == {"attn", "mlp"} and g["attn"].shape == (L,) and g["attn"].dtype == jnp.float32
         off = {(kind, i) for kind in ("attn", "mlp") for i in range(L) if g[kind][i] == 0}
         assert off == set(res.order[:k])
         assert np.all((np.asarray(g["attn"]) == 0) | (np.asarray(g["attn"]) == 1))
-    assert all(float(v.sum()) == 0 for v in res.gates().values())
+    assert all(float(v.sum()) == 0 for v in res.gates_after().values())
     # divergence reported at step k is that of the gated model
     tokens = calib(params)
     k = 2
-    want = np_jsd(np.asarray(jp.forward(params, tokens)), np.asarray(jp.forward(params, tokens, res.gates(k))))
+    want = np_jsd(np.asarray(jp.forward(params, tokens)), np.asarray(jp.forward(params, tokens, res.gates_after(k))))
     np.testing.assert_allclose(res.divergences[k - 1], want, rtol=2e-3, atol=1e-6)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_target_stops_once_the_fraction_is_reached(arch):
     params = tiny(arch)
-    res = fc.finercut(params, calib(params), target=0.3, batch_size=4, show_progress=False)
+    res = fc.finercut(params, calib(params), target=0.3, submodels_per_batch=4, show_progress=False)
     total = fc.non_embedding_params(params)
     assert res.total_params == total
     assert res.params_removed[-1] >= 0.3 * total
@@ -166,15 +166,15 @@ def test_compacted_sublayer_is_not_a_candidate():
     layers[0] = {k: v for k, v in layers[0].items() if k not in ("self_attn", "input_layernorm")}
     params = params.replace({**params.tree, "layers": layers})
     assert ("attn", 0) not in fc.sublayer_params(params)
-    res = fc.finercut(params, calib(params), batch_size=4, show_progress=False)
+    res = fc.finercut(params, calib(params), submodels_per_batch=4, show_progress=False)
     assert len(res.order) == 2 * L - 1 and ("attn", 0) not in res.order
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(calib_tokens=np.zeros((4,), np.int32)), "calib_tokens"),
-    (dict(calib_tokens=np.zeros((2, 4), np.float32)), "calib_tokens"),
-    (dict(calib_tokens=np.zeros((0, 4), np.int32)), "calib_tokens"),
-    (dict(calib_tokens=np.full((2, 4), 101, np.int32)), r"\[0, 101\)"),
+    (dict(calib=np.zeros((4,), np.int32)), "calib"),
+    (dict(calib=np.zeros((2, 4), np.float32)), "calib"),
+    (dict(calib=np.zeros((0, 4), np.int32)), "calib"),
+    (dict(calib=np.full((2, 4), 101, np.int32)), r"\[0, 101\)"),
     (dict(n_remove=0), "n_remove"),
     (dict(n_remove=2 * L + 1), "n_remove"),
     (dict(n_remove=1.5), "n_remove"),
@@ -182,18 +182,19 @@ def test_compacted_sublayer_is_not_a_candidate():
     (dict(target=1.0), "target"),
     (dict(target=True), "target"),
     (dict(n_remove=1, target=0.5), "not both"),
-    (dict(batch_size=0), "batch_size"),
+    (dict(submodels_per_batch=0), "submodels_per_batch"),
 ])
 def test_invalid_arguments_are_rejected(kwargs, match):
     params = tiny("llama")
-    kwargs = {"calib_tokens": calib(params), **kwargs}
+    kwargs = {"calib": calib(params), **kwargs}
     with pytest.raises(jp.InvalidArgumentError, match=match):
         fc.finercut(params, **kwargs)
 
 
 def test_gates_rejects_bad_k_and_params_must_be_params():
-    res = fc.FinerCutResult([("attn", 0)], [0.1], [10], num_layers=2, total_params=100)
+    res = fc.FinerCutResult(gates={}, removed_fraction=0.1, history=[], order=[("attn", 0)], divergences=[0.1],
+                            params_removed=[10], num_layers=2, total_params=100)
     with pytest.raises(jp.InvalidArgumentError, match="k must"):
-        res.gates(2)
+        res.gates_after(2)
     with pytest.raises(jp.InvalidArgumentError, match="Params"):
         fc.finercut({"layers": []}, np.zeros((1, 4), np.int32))

@@ -1,4 +1,4 @@
-"""jaxprune.generation_metrics: ROUGE, embedding similarity and efficiency columns on a tiny model."""
+"""jaxprune.evaluation.generation_metrics: ROUGE, embedding similarity and efficiency columns on a tiny model."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import pytest
 rouge_scorer = pytest.importorskip("rouge_score.rouge_scorer")
 
 import jaxprune as jp                                                      # noqa: E402
-from jaxprune import generation_metrics as gm                              # noqa: E402
+from jaxprune.evaluation import generation_metrics as gm                              # noqa: E402
 from jaxprune.errors import InvalidArgumentError                           # noqa: E402
 from jaxprune.models import hidden_states                                  # noqa: E402
-from jaxprune.reasoning import embedding_cosine                            # noqa: E402
+from jaxprune.evaluation.reasoning import embedding_cosine                            # noqa: E402
 
 from evaluation_helpers import ByteTok, successor_params, tiny_params  # noqa: E402
 

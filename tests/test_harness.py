@@ -1,4 +1,4 @@
-"""jaxprune.harness: the lm-evaluation-harness adapter, checked against torch/transformers and numpy."""
+"""jaxprune.evaluation.harness: the lm-evaluation-harness adapter, checked against torch/transformers and numpy."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ lm_eval = pytest.importorskip("lm_eval")
 torch = pytest.importorskip("torch")
 
 import jaxprune as jp                                                      # noqa: E402
-from jaxprune import harness                                               # noqa: E402
+from jaxprune.evaluation import harness                                               # noqa: E402
 from jaxprune.errors import InvalidArgumentError                           # noqa: E402
 from lm_eval.api.instance import Instance                                  # noqa: E402
 from lm_eval.api.model import LM                                           # noqa: E402
@@ -210,9 +210,9 @@ def write_jsonl(path, rows):
 
 
 def test_simple_evaluate_offline(hf, tmp_path, monkeypatch):
-    """lm_eval.simple_evaluate on local tasks (multiple choice, generation, a jaxprune.tasks export)."""
+    """lm_eval.simple_evaluate on local tasks (multiple choice, generation, a jaxprune.evaluation.tasks export)."""
     import datasets
-    from jaxprune import tasks as jp_tasks
+    from jaxprune.evaluation import tasks as jp_tasks
     for var in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
         monkeypatch.setenv(var, "1")
     monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True, raising=False)
@@ -295,7 +295,7 @@ metric_list:
         assert s["resps"][0][0] == tok.decode(ref).split("e")[0]
     assert 0.0 <= r["jp_gen"]["exact_match,none"] <= 1.0
 
-    # the exported jaxprune.tasks task reproduces continuation_accuracy (acc_norm = per-character)
+    # the exported jaxprune.evaluation.tasks task reproduces continuation_accuracy (acc_norm = per-character)
     assert r["jp_next"]["acc_norm,none"] == pytest.approx(jp_tasks.continuation_accuracy(params, tok, cont))
     assert r["jp_next"]["acc,none"] == pytest.approx(
         jp_tasks.continuation_accuracy(params, tok, cont, normalize=None))
@@ -317,7 +317,7 @@ def test_registration_is_explicit():
 def test_lm_eval_is_imported_lazily(monkeypatch):
     import subprocess
     import sys
-    code = ("import sys, jaxprune, jaxprune.harness, jaxprune.tasks, jaxprune.generation_metrics; "
+    code = ("import sys, jaxprune, jaxprune.evaluation.harness, jaxprune.evaluation.tasks, jaxprune.evaluation.generation_metrics; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('lm_eval', 'rouge_score')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

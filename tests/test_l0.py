@@ -14,11 +14,12 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import jaxprune as jp
-from jaxprune import hardconcrete as hc
-from jaxprune import l0, models
-from jaxprune.compact import compact, param_count
+from jaxprune.structured import hardconcrete as hc
+from jaxprune import models
+from jaxprune.structured import l0
+from jaxprune.structured.compact import compact, param_count
 from jaxprune.errors import InvalidArgumentError
-from jaxprune.structured import expected_size, gate_shapes
+from jaxprune.structured.units import expected_size, gate_shapes
 
 BETA, GAMMA, ZETA = 2 / 3, -0.1, 1.1
 
@@ -149,7 +150,7 @@ def _calib(cfg, n=16, T=16, seed=1):
 def test_lagrangian_drives_expected_size_to_the_target_on_a_tiny_model():
     params = init("llama-gqa")
     res = l0.l0_prune(params, _calib(params.config), target=0.4, steps=150, warmup=60, batch_size=2,
-                      show_progress=False, log_every=5)
+                      key=jax.random.key(0), show_progress=False, log_every=5)
     late = [h["expected"]["size"] for h in res.history if h["step"] >= 120]
     assert abs(np.mean(late) - 0.6) < 0.04, late
     first = res.history[0]["expected"]["size"]
@@ -227,7 +228,7 @@ def test_step_with_a_user_optimizer_trains_gates_ascends_lambdas_and_freezes_wei
 
 
 def test_distillation_loss_is_the_mean_token_kl_from_the_teacher():
-    from jaxprune.training import distillation_loss
+    from jaxprune.training.masked import distillation_loss
     params = init("llama-gqa")
     batch = _calib(params.config)[:2]
     assert abs(float(distillation_loss(params, params, batch))) < 1e-6
@@ -243,9 +244,11 @@ def test_distillation_loss_is_the_mean_token_kl_from_the_teacher():
 def test_l0_prune_rejects_bad_input():
     params = init("llama-gqa")
     with pytest.raises(InvalidArgumentError, match="calib"):
-        l0.l0_prune(params, np.zeros((4,), np.int32), target=0.3)
+        l0.l0_prune(params, np.zeros((4,), np.int32), target=0.3, key=jax.random.key(0))
     with pytest.raises(InvalidArgumentError, match="unit kinds"):
-        l0.l0_prune(params, _calib(params.config), target=0.3, kinds=("rows",))
+        l0.l0_prune(params, _calib(params.config), target=0.3, kinds=("rows",), key=jax.random.key(0))
+    with pytest.raises(InvalidArgumentError, match="key"):
+        l0.l0_prune(params, _calib(params.config), target=0.3)        # no silent default seed
 
 
 def test_l0_prune_to_a_target_architecture_with_distillation_compacts_to_exactly_it():
@@ -253,7 +256,7 @@ def test_l0_prune_to_a_target_architecture_with_distillation_compacts_to_exactly
     cfg = params.config
     tgt = dataclasses.replace(cfg, num_hidden_layers=2, num_attention_heads=4, intermediate_size=20)
     res = l0.l0_prune(params, _calib(cfg), target_config=tgt, kinds=("heads", "ffn", "layer"), steps=6,
-                      batch_size=2, distill=True, train_params=False, show_progress=False, log_every=1)
+                      batch_size=2, key=jax.random.key(0), distill=True, train_params=False, show_progress=False, log_every=1)
     assert sorted(res.history[-1]["expected"]) == ["ffn", "heads", "layer"]
     assert all(np.isfinite(h["data"]) and h["data"] >= 0 for h in res.history)   # KL, not NLL
     c = compact(res.params, res.gates).config

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import jaxprune as jp
-from jaxprune.config import config_from_hf
+from jaxprune.models.config import config_from_hf
 from jaxprune.io.hf import from_named_arrays
 
 from conftest import hf_to_named, tiny_llama, tiny_opt
@@ -241,7 +241,7 @@ def test_wanda_column_blocks_match_a_numpy_row_selection(dtype, pattern):
     """Large kernels are selected in blocks of output columns (over the kernel's bits); the masks
     and pruned weights equal a plain numpy per-output selection."""
     import jax.numpy as jnp
-    from jaxprune.pruning import WandaRule, _column_block
+    from jaxprune.oneshot.pruning import WandaRule, _column_block
     rng = np.random.default_rng(0)
     n_in, n_out = 2048, 1536
     kernel = jnp.asarray(rng.normal(size=(n_in, n_out)), dtype)

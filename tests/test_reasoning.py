@@ -12,7 +12,7 @@ import pytest
 
 import jaxprune as jp
 from jaxprune.models import forward, init
-from jaxprune.reasoning import (ReasoningUtility, answer_accuracy, embedding_cosine, final_number,
+from jaxprune.evaluation.reasoning import (ReasoningUtility, answer_accuracy, embedding_cosine, final_number,
                                 greedy_generate, greedy_generate_batch, minilm_embedder, normalize_answer,
                                 token_f1, trim_generation)
 

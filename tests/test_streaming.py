@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import jaxprune as jp
-from jaxprune import streaming
+from jaxprune.oneshot import streaming
 from jaxprune.io.safetensors import open_safetensors
 
 WORKER = os.path.join(os.path.dirname(__file__), "workers", "stream_worker.py")
@@ -50,7 +50,7 @@ def _tensors(directory):
 def test_streamed_equals_in_memory(tmp_path, cfg, method, low_memory, monkeypatch):
     # low memory: op-by-op passes with matmuls in blocks of 32 output columns, as a 7B layer gets
     # blocks with the default 32 MiB; otherwise the whole-layer jitted passes small layers get
-    monkeypatch.setattr("jaxprune.calibration.BLOCK_BYTES", 32 * 4 * max(cfg.hidden_size, 128))
+    monkeypatch.setattr("jaxprune.calibration.capture.BLOCK_BYTES", 32 * 4 * max(cfg.hidden_size, 128))
     params = jp.init(cfg, jax.random.key(0))
     src = jp.save(params, str(tmp_path / "dense"))
     calib = _calib(cfg)

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import jaxprune as jp
-from jaxprune import structured
-from jaxprune.config import config_from_hf
+from jaxprune.structured import units as structured
+from jaxprune.models.config import config_from_hf
 from jaxprune.io.hf import from_named_arrays
 
 from conftest import hf_to_named, tiny_llama, tiny_opt

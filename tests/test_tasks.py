@@ -1,4 +1,4 @@
-"""jaxprune.tasks: construction invariants of the offline proxy tasks, and their scoring against numpy."""
+"""jaxprune.evaluation.tasks: construction invariants of the offline proxy tasks, and their scoring against numpy."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import jaxprune as jp
-from jaxprune import tasks
+from jaxprune.evaluation import tasks
 from jaxprune.errors import DataError, InvalidArgumentError
 
 from evaluation_helpers import ByteTok, np_scores, successor_params, tiny_params

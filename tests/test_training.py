@@ -16,8 +16,8 @@ import pytest
 import jaxprune as jp
 from jaxprune import models
 from jaxprune.errors import InvalidArgumentError
-from jaxprune.lora import lora_finetune, lora_init, lora_merge
-from jaxprune.training import keep_masked, lm_loss, random_batch
+from jaxprune.training.lora import lora_finetune, lora_init, lora_merge
+from jaxprune.training.masked import keep_masked, lm_loss, random_batch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = jp.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -105,7 +105,7 @@ def test_lora_merge_is_w_plus_scaled_low_rank_update_where_the_mask_keeps(model)
 
 
 def _kernel_paths(params):
-    from jaxprune.calibration import plain_path
+    from jaxprune.calibration.capture import plain_path
     return [plain_path(k)[:-1] for k, x in jax.tree_util.tree_flatten_with_path(params.tree)[0]
             if plain_path(k)[0] == "layers" and plain_path(k)[-1] == "kernel"]
 
@@ -116,7 +116,7 @@ def test_lora_recovery_lowers_the_loss_and_keeps_sparsity_exactly(model, pattern
     masks = jp.wanda(params, calib[:4], sparsity=0.5, pattern=pattern)
     pruned = jp.apply_masks(params, masks)
     res = lora_finetune(pruned, calib, masks=masks, rank=4, steps=30, batch_size=4,
-                        optimizer=optax.adam(1e-2), show_progress=False)
+                        optimizer=optax.adam(1e-2), key=jax.random.key(0), show_progress=False)
     merged = lora_merge(pruned, res.adapters, masks)
     before, after = float(lm_loss(pruned, jnp.asarray(calib))), float(lm_loss(merged, jnp.asarray(calib)))
     assert after < before - 0.05
@@ -130,7 +130,7 @@ def test_lora_recovery_lowers_the_loss_and_keeps_sparsity_exactly(model, pattern
 def test_lora_on_a_compacted_model_needs_no_mask(model):
     params, calib, _ = model
     small = jp.compact(params, {"ffn": jnp.ones((2, 64)).at[:, :32].set(0.0)})
-    res = lora_finetune(small, calib, rank=2, steps=2, batch_size=2, show_progress=False)
+    res = lora_finetune(small, calib, rank=2, steps=2, batch_size=2, key=jax.random.key(0), show_progress=False)
     merged = lora_merge(small, res.adapters)
     assert merged["layers"][0]["mlp"]["up_proj"]["kernel"].shape == (32, 32)
 
@@ -141,8 +141,10 @@ def test_lora_rejects_bad_input(model):
         lora_init(params, jax.random.key(0), rank=0)
     with pytest.raises(InvalidArgumentError, match="rank"):
         lora_init(params, jax.random.key(0), rank=1000)
-    with pytest.raises(InvalidArgumentError, match="windows"):
-        lora_finetune(params, np.zeros(5, np.int32))
+    with pytest.raises(InvalidArgumentError, match="calib"):
+        lora_finetune(params, np.zeros(5, np.int32), key=jax.random.key(0))
+    with pytest.raises(jp.InvalidArgumentError, match="key"):
+        lora_finetune(params, np.zeros((2, 5), np.int32))     # no silent default seed
 
 
 def test_example_masked_training_loop_runs_on_a_tiny_model(tmp_path):

@@ -37,10 +37,10 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
-from ..config import config_from_hf
-from ..errors import CheckpointError, InvalidArgumentError
-from ..masks import check_masks_like
-from ..params import Params
+from jaxprune.models.config import config_from_hf
+from jaxprune.errors import CheckpointError, InvalidArgumentError
+from jaxprune.masks import check_masks_like
+from jaxprune.core.params import Params
 
 ITEMS = ("params", "masks", "gates", "config", "metadata")
 

@@ -42,11 +42,11 @@ import os
 import jax
 import numpy as np
 
-from ..errors import CheckpointError, InvalidArgumentError
-from ..masks import check_masks_like
-from ..params import Params
-from .names import flatten_tree, hf_to_path
-from .safetensors import open_safetensors, read_metadata, write_safetensors
+from jaxprune.errors import CheckpointError, InvalidArgumentError
+from jaxprune.masks import check_masks_like
+from jaxprune.core.params import Params
+from jaxprune.io.names import flatten_tree, hf_to_path
+from jaxprune.io.safetensors import open_safetensors, read_metadata, write_safetensors
 
 FILE = "sparse.safetensors"
 REPORT = "compression.json"
@@ -178,7 +178,7 @@ def save_compressed(params: Params, path: str, masks: Params | None = None, over
     Returns:
       {"path", "bytes_on_disk", "dense_bytes", "ratio", "formats": {name: "dense"|"nm"|"bitmask"}}.
     """
-    from .export import write_directory
+    from jaxprune.io.export import write_directory
 
     if not isinstance(params, Params):
         raise InvalidArgumentError(f"save_compressed needs jaxprune Params, got {type(params).__name__}")
@@ -226,7 +226,7 @@ def load_compressed(path: str, dtype=None) -> tuple[Params, Params]:
 
     `dtype` casts the weights (default: keep the stored dtype, so the round trip is exact).
     """
-    from .hf import from_named_arrays, read_config
+    from jaxprune.io.hf import from_named_arrays, read_config
 
     config = read_config(path)
     file = os.path.join(path, FILE)

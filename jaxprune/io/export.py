@@ -21,10 +21,10 @@ import tempfile
 import jax
 import numpy as np
 
-from ..errors import CheckpointError, InvalidArgumentError
-from ..masks import check_masks_like
-from ..params import Params
-from .names import flatten_tree
+from jaxprune.errors import CheckpointError, InvalidArgumentError
+from jaxprune.masks import check_masks_like
+from jaxprune.core.params import Params
+from jaxprune.io.names import flatten_tree
 
 
 def _hf_arrays(params: Params) -> dict[str, np.ndarray]:
@@ -149,10 +149,10 @@ def load_masks(directory: str, params: Params | None = None) -> Params:
         >>> jp.save(pruned, "out/wanda50", masks=masks)            # doctest: +SKIP
         >>> params, masks = jp.load("out/wanda50"), jp.load_masks("out/wanda50")  # doctest: +SKIP
     """
-    from .. import models
-    from .hf import read_config
-    from .names import hf_to_path
-    from .safetensors import open_safetensors, read_metadata
+    from jaxprune import models
+    from jaxprune.io.hf import read_config
+    from jaxprune.io.names import hf_to_path
+    from jaxprune.io.safetensors import open_safetensors, read_metadata
 
     if not os.path.isdir(directory):
         raise CheckpointError(f"{directory}: no such checkpoint directory")

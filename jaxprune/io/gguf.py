@@ -17,9 +17,9 @@ import re
 import jax.numpy as jnp
 import numpy as np
 
-from ..config import LlamaConfig
-from ..errors import CheckpointError, UnsupportedModelError
-from ..params import Params
+from jaxprune.models.config import LlamaConfig
+from jaxprune.errors import CheckpointError, UnsupportedModelError
+from jaxprune.core.params import Params
 
 _LAYER_NAMES = {
     "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
@@ -96,7 +96,7 @@ def gguf_config(path: str, reader=None) -> LlamaConfig:
 def load_gguf(path: str, dtype=jnp.float32) -> Params:
     """Load and dequantize a Llama-family GGUF file into `Params` (HF layout, Q/K un-permuted)."""
     import gguf
-    from .hf import from_named_arrays
+    from jaxprune.io.hf import from_named_arrays
 
     reader = _reader(path)
     config = gguf_config(path, reader)

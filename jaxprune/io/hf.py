@@ -16,13 +16,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..config import ModelConfig, config_from_hf
-from ..errors import CheckpointError
-from ..params import Params
-from .. import models
-from ..models import is_shape
-from .names import build_tree
-from .safetensors import open_safetensors
+from jaxprune.models.config import ModelConfig, config_from_hf
+from jaxprune.errors import CheckpointError
+from jaxprune.core.params import Params
+from jaxprune import models
+from jaxprune.models import is_shape
+from jaxprune.io.names import build_tree
+from jaxprune.io.safetensors import open_safetensors
 
 
 def read_config(directory: str) -> ModelConfig:

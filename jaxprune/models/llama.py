@@ -32,11 +32,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..config import LlamaConfig
-from ..errors import InvalidArgumentError
-from . import gates as G
-from .layers import RMSNorm, apply_rope, causal_attention, rope_inv_freq, rope_tables
-from .layout import Layout, Linear, Norm, register
+from jaxprune.models.config import LlamaConfig
+from jaxprune.errors import InvalidArgumentError
+from jaxprune.models import gates as G
+from jaxprune.models.layers import RMSNorm, apply_rope, causal_attention, rope_inv_freq, rope_tables
+from jaxprune.models.layout import Layout, Linear, Norm, register
 
 ACTIVATIONS = {"silu": jax.nn.silu, "swish": jax.nn.silu,
                "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),

@@ -13,8 +13,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from ..config import LlamaConfig, register_config, rope_to_hf
-from .llama import decoder_layout, embed, layer, layer_dims, per_layer_dims, shapes, unembed  # noqa: F401
+from jaxprune.models.config import LlamaConfig, register_config, rope_to_hf
+from jaxprune.models.llama import decoder_layout, embed, layer, layer_dims, per_layer_dims, shapes, unembed  # noqa: F401
 
 
 @dataclasses.dataclass(frozen=True)

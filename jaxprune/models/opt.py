@@ -11,10 +11,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ..config import OPTConfig
-from . import gates as G
-from .layers import LayerNorm, causal_attention
-from .layout import Layout, Linear, Norm, register
+from jaxprune.models.config import OPTConfig
+from jaxprune.models import gates as G
+from jaxprune.models.layers import LayerNorm, causal_attention
+from jaxprune.models.layout import Layout, Linear, Norm, register
 
 _ACT = {"relu": jax.nn.relu, "gelu": lambda x: jax.nn.gelu(x, approximate=False),
         "gelu_new": lambda x: jax.nn.gelu(x, approximate=True)}

@@ -13,10 +13,10 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import jaxprune as jp
-from jaxprune import distributed
-from jaxprune.calibration import input_stats
+from jaxprune.parallel import distributed
+from jaxprune.calibration.capture import input_stats
 from jaxprune.masks import select_count
-from jaxprune.sparsegpt import prune_kernel
+from jaxprune.sparsity.sparsegpt import prune_kernel
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices")
 
@@ -159,9 +159,10 @@ def test_scoring_masking_sparsegpt_inside_user_pmap_and_shard_map():
 def test_structured_utilities_and_l0_step_on_a_sharded_batch():
     """Bonsai/FinerCut utilities and an L0 step computed on a batch split over 8 devices equal
     the single-device values."""
-    from jaxprune import l0, structured
-    from jaxprune.finercut import _dense_logprobs, _mean_jsd
-    from jaxprune.utility import evaluate, perplexity_utility
+    from jaxprune.structured import units as structured
+    from jaxprune.structured import l0
+    from jaxprune.structured.finercut import _dense_logprobs, _mean_jsd
+    from jaxprune.structured.utility import evaluate, perplexity_utility
     params = jp.init(LLAMA, jax.random.key(0))
     windows = np.asarray(jax.random.randint(jax.random.key(1), (16, 32), 0, LLAMA.vocab_size))
     mesh = distributed.make_mesh()
@@ -192,7 +193,7 @@ def test_structured_utilities_and_l0_step_on_a_sharded_batch():
     for a, b in zip(leaves(t1), leaves(t8)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
-from jaxprune import criteria as jp_criteria  # noqa: E402  (used inside the pmapped function)
+from jaxprune.sparsity import criteria as jp_criteria  # noqa: E402  (used inside the pmapped function)
 
 
 def test_structured_methods_accept_sharded_params():
@@ -205,7 +206,38 @@ def test_structured_methods_accept_sharded_params():
     ref = jp.finercut(params, windows, n_remove=2)
     got = jp.finercut(sharded, batch, n_remove=2)
     assert ref.order == got.order
-    ref_b = jp.bonsai(params, windows, target=0.1, n_samples=4, show_progress=False)
-    got_b = jp.bonsai(sharded, batch, target=0.1, n_samples=4, show_progress=False)
+    ref_b = jp.bonsai(params, windows, target=0.1, n_samples=4, key=jax.random.key(0), show_progress=False)
+    got_b = jp.bonsai(sharded, batch, target=0.1, n_samples=4, key=jax.random.key(0), show_progress=False)
     for k in ref_b.gates:
         np.testing.assert_array_equal(np.asarray(ref_b.gates[k]), np.asarray(got_b.gates[k]))
+
+
+def _family_configs():
+    common = dict(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=64)
+    return {
+        "gemma2": jp.Gemma2Config(**common, head_dim_override=8, query_pre_attn_scalar=8, sliding_window=8,
+                                  attn_logit_softcapping=5.0, final_logit_softcapping=10.0),
+        "gemma3": jp.Gemma3Config(**common, head_dim_override=8, query_pre_attn_scalar=8, sliding_window=8,
+                                  layer_types=("sliding_attention", "full_attention")),
+        "qwen2": jp.Qwen2Config(**common),
+        "qwen3": jp.Qwen3Config(**common, head_dim_override=8),
+        "mistral": jp.MistralConfig(**common, sliding_window=8),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_family_configs()))
+def test_every_family_prunes_sharded_like_one_device(name):
+    """Wanda on a 4 x 2 data x tensor mesh (q/k/v/gate/up split by output, o/down by input, biases
+    and q/k norms placed by the Layout) gives the one-device masks, and the masks keep the params' shardings."""
+    cfg = _family_configs()[name]
+    params = jp.init(cfg, jax.random.key(0))
+    calib = np.asarray(jax.random.randint(jax.random.key(1), (16, 32), 0, cfg.vocab_size))
+    ref = jp.wanda(params, calib, sparsity=0.5, show_progress=False)
+    mesh = distributed.make_mesh(model=2)
+    sharded = distributed.shard_params(params, mesh)
+    got = jp.wanda(sharded, calib, sparsity=0.5, show_progress=False)
+    for a, b in zip(leaves(ref), leaves(got)):
+        assert (a == b).all()
+    q = got["layers"][0]["self_attn"]["q_proj"]["kernel"]
+    assert q.sharding.spec == P(None, "model")

@@ -19,7 +19,7 @@ if __name__ == "__main__":
     os.environ.setdefault("JAXPRUNE_PROGRESS", "0")
     checkpoint, out = sys.argv[1], sys.argv[2]
 
-    from jaxprune import distributed
+    from jaxprune.parallel import distributed
     assert distributed.initialize() == multi   # reads JAXPRUNE_COORDINATOR / _NUM_PROCESSES / _PROCESS_ID
 
     import jax

@@ -21,7 +21,7 @@ if __name__ == "__main__":
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from jaxprune import streaming
+    from jaxprune.oneshot import streaming
     from jaxprune.io.hf import read_config
 
     calib = np.load(calib_path)

@@ -1,0 +1,277 @@
+"""The layer-by-layer calibration driver: `LayerPruner` runs the sequential, as-you-go and
+dense passes of one-shot pruning over one decoder layer at a time, in memory
+(`run_layerwise`) or from disk (`jaxprune.oneshot.streaming`).
+"""
+
+from __future__ import annotations
+
+import gc
+from typing import Callable
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxprune import models
+from jaxprune.errors import InvalidArgumentError
+from jaxprune.core.params import Params, get_path, set_path
+from jaxprune.core.progress import progress
+from jaxprune.calibration.capture import MODES, _dense_interceptor, blocked_matmuls, capture, input_stat
+
+
+def prune_layer(lp: dict, stats: dict, count, rule: Callable, counts: dict):
+    """Prune the linear layers of one layer's params `lp` named by the keys of `stats`
+    ({module path: summed statistic}) with the prune rule `rule` (see `run_layerwise`); `counts`
+    holds each module's prune counts (`rule.counts`). Returns (new lp, {module path: keep mask})."""
+    masks = {}
+    for path, stat in stats.items():
+        new, masks[path] = rule(path, get_path(lp, path), stat, count, counts[path])
+        lp = set_path(lp, path, new)
+    return lp, masks
+
+
+def prune_counts(rule, lp: dict, paths, sparsity: float) -> dict:
+    """{module path: `rule.counts(kernel shape, sparsity)`} on the host (exact Python arithmetic)."""
+    return {path: rule.counts(tuple(np.shape(get_path(lp, path)["kernel"])), sparsity) for path in paths}
+
+
+def _trim_heap() -> None:
+    """glibc's malloc_trim(0): give freed heap memory back to the OS (no-op elsewhere)."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            import ctypes
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
+
+
+def _family_layer(config, lp, x, ctx, kg, layer_type):
+    kw = {} if layer_type is None else {"layer_type": layer_type}
+    return models.family(config).layer(config, lp, x, ctx, {}, kg, **kw)
+
+
+def _apply_layer(lp, x, ctx, config, kg, layer_type=None, blocked: bool = False):
+    """Decoder layer `lp` of a model with `config` on x (`kg`: the layer's K/V grouping,
+    `layer_type`: its `models.layer_type`); with `blocked`, every matmul in blocks of output
+    columns (`blocked_matmuls`, op by op)."""
+    if blocked:
+        return blocked_matmuls(lambda: _family_layer(config, lp, x, ctx, kg, layer_type))
+    return _family_layer(config, lp, x, ctx, kg, layer_type)
+
+
+def _stats_and_output(lp, x, ctx, config, kg, kind, layer_type=None, blocked: bool = False):
+    # blocked matmuls innermost: the capture interceptor (outer) must see each input first
+    return capture(lambda: _apply_layer(lp, x, ctx, config, kg, layer_type, blocked), kind)
+
+
+def _stats_only(lp, x, ctx, config, kg, kind, layer_type=None, blocked: bool = False):
+    return _stats_and_output(lp, x, ctx, config, kg, kind, layer_type, blocked)[1]
+
+
+def _prune_one(dense, stat, count, n, rule, path):
+    return rule(path, dense, stat, count, n)
+
+
+def _one_pass(lp, X, ctx, counts, config, kg, kind, rule, target, layer_type=None):
+    """As-you-go: each targeted linear layer pruned the moment its input arrives."""
+    new_lp, masks = lp, {}
+
+    def on_dense(path, module, x, call):
+        nonlocal new_lp
+        if path not in target:
+            return call()
+        st = input_stat(kind, x) if kind else None
+        new, masks[path] = rule(path, get_path(lp, path), st, x.size // x.shape[-1], counts[path])
+        new_lp = set_path(new_lp, path, new)
+        y = jnp.dot(x, new["kernel"].astype(x.dtype))
+        return y + new["bias"].astype(y.dtype) if "bias" in new else y
+
+    with nn.intercept_methods(_dense_interceptor(on_dense)):
+        Y = _family_layer(config, lp, X, ctx, kg, layer_type)
+    return new_lp, masks, Y
+
+
+# The compiled passes, built once: everything that selects a program (the config, the layer's K/V
+# grouping, the statistic, the prune rule, the targeted modules) is a static, hashable argument, and
+# prune counts are traced, so JAX's own cache serves every later call, layer and sparsity.
+_LAYER_STATIC = ("config", "kg", "layer_type")
+_run_jit = jax.jit(_apply_layer, static_argnames=_LAYER_STATIC + ("blocked",))
+_stats_and_output_jit = jax.jit(_stats_and_output, static_argnames=_LAYER_STATIC + ("kind", "blocked"))
+_stats_only_jit = jax.jit(_stats_only, static_argnames=_LAYER_STATIC + ("kind", "blocked"))
+_prune_one_jit = jax.jit(_prune_one, static_argnames=("rule", "path"))
+_prune_one_donating_jit = jax.jit(_prune_one, static_argnames=("rule", "path"), donate_argnums=(0,))
+_one_pass_jit = jax.jit(_one_pass, static_argnames=_LAYER_STATIC + ("kind", "rule", "target"))
+
+
+class LayerPruner:
+    """The passes of sequential one-shot pruning for one decoder layer at a time.
+
+    Calibration activations are a list of chunks [b, T, D] (one per forward batch), so
+    each chunk can carry its own sharding (rows over a mesh's ``"data"`` axis) and
+    statistics of all chunks add up. `step` prunes one layer and returns the next
+    layer's input; `run_layerwise` (in memory) and `jaxprune.oneshot.streaming` (one layer
+    from disk at a time) both drive it. With `donate=True` each kernel's buffer is
+    reused for its pruned version (for layers the caller owns, as in streaming). With
+    `jit_passes=False` the layer's forward passes run op by op (each matmul its own compiled
+    call), so at most one weight matrix's temporaries exist at a time: on CPU, XLA upcasts
+    bfloat16 matmuls to float32 and a whole-layer program would hold every upcast weight at once.
+
+    `prune_dense` is a prune rule (see `run_layerwise`). The jitted passes are module-level
+    functions with static config, K/V grouping, statistic kind and rule, and a traced prune
+    count, so a second pruner for the same model, and every layer whatever its sparsity,
+    reuses the programs already compiled.
+    """
+
+    def __init__(self, config, kind: str | None, prune_dense: Callable, mode: str = "sequential",
+                 donate: bool = False, jit_passes: bool = True):
+        if not isinstance(mode, str) or mode not in MODES:
+            raise InvalidArgumentError(f"mode must be one of {MODES}, got {mode!r}")
+        self.config, self.kind, self.prune_dense, self.mode = config, kind, prune_dense, mode
+        self.donate, self.jit_passes = donate, jit_passes
+        self._prune_one = _prune_one_donating_jit if donate else _prune_one_jit
+
+    def _pass(self, jitted, plain, lp, x, ctx, kg, **static):
+        if self.jit_passes:
+            return jitted(lp, x, ctx, config=self.config, kg=kg, **static)
+        return plain(lp, x, ctx, config=self.config, kg=kg, blocked=True, **static)
+
+    def run(self, lp, X: list, ctx, kg, layer_type=None) -> list:
+        """The layer applied to every chunk (`layer_type`: `models.layer_type(config, i)`, needed
+        where a model mixes layer types)."""
+        out = []
+        for x in X:
+            out.append(self._pass(_run_jit, _apply_layer, lp, x, ctx, kg, layer_type=layer_type))
+            self._collect()
+        return out
+
+    def stats(self, lp, X: list, ctx, kg, with_output: bool = False, layer_type=None):
+        """(outputs or None, {module path: statistic summed over all chunks})."""
+        # In dense mode the statistics pass also yields the next input; otherwise only the
+        # statistics are returned and XLA drops work that only feeds the layer output (the
+        # down projection), so the reference's first pass costs less than a full forward.
+        outs, total = [], None
+        for x in X:
+            if with_output:
+                y, st = self._pass(_stats_and_output_jit, _stats_and_output, lp, x, ctx, kg, kind=self.kind,
+                                   layer_type=layer_type)
+                outs.append(y)
+            else:
+                st = self._pass(_stats_only_jit, _stats_only, lp, x, ctx, kg, kind=self.kind, layer_type=layer_type)
+            total = st if total is None else jax.tree.map(jnp.add, total, st)
+            self._collect()
+        return (outs if with_output else None), total
+
+    def prune(self, lp, stats: dict, count, sparsity: float, take_mask=None):
+        """Prune the linear layers named by `stats`, one matrix per call (peak memory: one matrix's
+        temporaries). Returns (new lp, {module path: keep mask}); with `take_mask(path, keep)` each
+        mask is handed over as soon as it exists and not kept."""
+        masks = {}
+        counts = prune_counts(self.prune_dense, lp, stats, sparsity)
+        for path in sorted(stats):
+            key = path if getattr(self.prune_dense, "uses_path", True) else None   # one compilation per shape
+            new, keep = self._prune_one(get_path(lp, path), stats[path], count, counts[path],
+                                        rule=self.prune_dense, path=key)
+            if take_mask is None:
+                masks[path] = keep
+            else:
+                take_mask(path, keep)
+            del keep
+            lp = set_path(lp, path, new)
+            self._collect()
+        return lp, masks
+
+    def _collect(self):
+        """In the low-memory configuration, return finished calls' temporaries now: on CPU they are
+        released only when Python's cycle collector runs, and freed heap pages stay with the
+        process until glibc is asked to trim them."""
+        if self.donate or not self.jit_passes:
+            gc.collect()
+            _trim_heap()
+
+    def step(self, lp, X: list, ctx, kg, sparsity: float, target: frozenset, count, take_mask=None,
+             layer_type=None):
+        """Prune one layer from its input chunks X; returns (new lp, masks, next layer's input chunks).
+
+        `take_mask(path, keep)`, if given, receives each mask as soon as it exists and step returns
+        {} for them, so the caller can store them compactly and free them (sequential and dense
+        modes). `layer_type` is the layer's `models.layer_type` (needed where types differ)."""
+        if not target:
+            return lp, {}, self.run(lp, X, ctx, kg, layer_type)
+        if self.mode == "as-you-go":
+            sizes = [x.shape[0] for x in X]
+            counts = prune_counts(self.prune_dense, lp, target, sparsity)
+            new_lp, masks, Y = _one_pass_jit(lp, jnp.concatenate(X), ctx, counts, config=self.config, kg=kg,
+                                             kind=self.kind, rule=self.prune_dense, target=frozenset(target),
+                                             layer_type=layer_type)
+            return new_lp, masks, list(jnp.split(Y, np.cumsum(sizes)[:-1]))
+        Y, stats = self.stats(lp, X, ctx, kg, with_output=(self.mode == "dense"), layer_type=layer_type)
+        new_lp, masks = self.prune(lp, {p: v for p, v in stats.items() if p in target}, count, sparsity, take_mask)
+        del lp, stats
+        self._collect()
+        return new_lp, masks, (self.run(new_lp, X, ctx, kg, layer_type) if self.mode == "sequential" else Y)
+
+
+_embed_jit = jax.jit(models.embed)
+
+
+def embed_chunks(params: Params, tokens, batch_size: int, place=None):
+    """(list of embedded chunks [b, T, D], context) for tokens [n, T] in chunks of `batch_size`;
+    `place(chunk)` puts each token chunk on devices first (e.g. rows over a mesh)."""
+    n = tokens.shape[0]
+    bs = max(1, min(batch_size, n))
+    xs, ctx = [], None
+    for s in range(0, n, bs):
+        chunk = tokens[s:s + bs]
+        x, ctx = _embed_jit(params, place(chunk) if place else chunk)
+        xs.append(x)
+    return xs, ctx
+
+
+def run_layerwise(params: Params, tokens, kind: str | None, prune_dense: Callable, sparsities, targets,
+                  mode: str = "sequential", batch_size: int = 8, show_progress=None,
+                  description: str = "pruning", place=None):
+    """Drive one-shot pruning layer by layer.
+
+    `prune_dense` is a prune rule: a hashable object (equal rules compile the same programs, e.g.
+    `jaxprune.oneshot.pruning.WandaRule`) with
+
+    * ``counts(kernel_shape, sparsity)``: the number(s) of entries to prune (Python ints, or a tuple
+      of them), computed on the host;
+    * ``rule(path, dense, stat, count, n) -> (new dense params, keep mask)``: prunes one linear
+      layer (`dense` = {"kernel", "bias"?}) from its summed input statistic over `count` tokens,
+      `n` being its counts, traced (int32): one compilation serves every sparsity;
+    * ``uses_path``: whether the result depends on `path` (if not, one compilation per shape).
+
+    `sparsities[i]` is layer i's target and `targets[i]` the set of module paths
+    (e.g. ('self_attn', 'q_proj')) to prune in layer i. Modes:
+
+    * ``sequential`` (the reference): statistics from the layer as it is, prune, then re-run the
+      pruned layer to produce the next layer's input (two passes per layer);
+    * ``as-you-go``: one pass per layer over all calibration tokens at once; each linear layer is
+      pruned the moment its input arrives, so later sublayers see earlier ones already pruned;
+    * ``dense``: statistics of the unpruned model (the next input is the dense layer's output).
+
+    `place(token_chunk)` places each calibration chunk (data parallelism: rows over a mesh's
+    ``"data"`` axis; the jitted passes then reduce statistics across devices).
+
+    Returns (new layer param list, list of {module path: keep mask}).
+    """
+    pruner = LayerPruner(params.config, kind, prune_dense, mode)
+    tokens = tokens if isinstance(tokens, jax.Array) else jnp.asarray(tokens)
+    X, ctx = embed_chunks(params, tokens, batch_size, place)
+    new_layers, layer_masks = [], []
+    count = jnp.asarray(float(tokens.size), jnp.float32)
+    layers = params.tree["layers"]
+    for i in progress(range(len(layers)), description, total=len(layers), enabled=show_progress):
+        new_lp, masks, X = pruner.step(layers[i], X, ctx, models.kv_groups(params.config, i),
+                                       float(sparsities[i]), frozenset(targets[i]), count,
+                                       layer_type=models.layer_type(params.config, i))
+        new_layers.append(new_lp)
+        layer_masks.append(masks)
+    return new_layers, layer_masks

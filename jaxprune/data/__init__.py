@@ -1,0 +1,17 @@
+"""Text windows, bundled public-domain texts, tokenizers."""
+
+from jaxprune.data.text import (
+    BUNDLED_TEXTS,
+    CALIBRATION_TEXTS,
+    EVALUATION_TEXT,
+    bundled_text,
+    read_text,
+    eval_windows,
+    paragraphs_joined,
+    calibration_windows,
+)
+from jaxprune.data.tokenization import (
+    Tokenizer,
+    from_gguf,
+    from_directory,
+)
