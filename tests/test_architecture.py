@@ -32,12 +32,13 @@ def _package(module: str) -> str:
     return parts[1] if len(parts) > 1 else ""
 
 
-def _imports(path: str, module: str):
-    """(imported module, names) of every `from X import names` in a file, relative ones resolved."""
+def _imports(path: str, module: str, top_level_only: bool = False):
+    """(imported module, names) of every `from X import names` in a file (or only its module-level
+    ones), relative ones resolved."""
     tree = ast.parse(open(path).read())
     is_pkg = path.endswith("__init__.py")
     base = module.split(".") if is_pkg else module.split(".")[:-1]
-    for node in ast.walk(tree):
+    for node in (tree.body if top_level_only else ast.walk(tree)):
         if isinstance(node, ast.ImportFrom):
             if node.level:
                 parts = base[: len(base) - (node.level - 1)] if node.level > 1 else base
@@ -73,19 +74,10 @@ def test_no_import_cycles_between_packages_at_module_level():
     used for optional heavy dependencies, are allowed)."""
     edges: dict[str, set] = {}
     for path, module in _modules():
-        tree = ast.parse(open(path).read())
         src = _package(module)
-        is_pkg = path.endswith("__init__.py")
-        base = module.split(".") if is_pkg else module.split(".")[:-1]
-        for node in tree.body:
-            if isinstance(node, ast.ImportFrom):
-                if node.level:
-                    parts = base[: len(base) - (node.level - 1)] if node.level > 1 else base
-                    target = ".".join(parts + ([node.module] if node.module else []))
-                else:
-                    target = node.module or ""
-                if target.startswith("jaxprune.") and src and _package(target) != src and module != "jaxprune":
-                    edges.setdefault(src, set()).add(_package(target))
+        for target, _ in _imports(path, module, top_level_only=True):
+            if target.startswith("jaxprune.") and src and _package(target) != src and module != "jaxprune":
+                edges.setdefault(src, set()).add(_package(target))
     # depth-first search for a cycle
     state: dict[str, int] = {}
 
