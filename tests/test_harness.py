@@ -306,7 +306,7 @@ def test_registration_is_explicit():
     """Building JaxpruneLM leaves lm-eval's registry alone; register_with_lm_eval() registers it."""
     import subprocess
     import sys
-    code = ("from lm_eval.api import registry; from jaxprune import harness; harness.JaxpruneLM\n"
+    code = ("from lm_eval.api import registry; from jaxprune.evaluation import harness; harness.JaxpruneLM\n"
             "try:\n    registry.get_model('jaxprune'); print('registered')\n"
             "except ValueError:\n    print('not registered')\n"
             "cls = harness.register_with_lm_eval(); print(registry.get_model('jaxprune') is cls)")
