@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .core.checks import is_real_dtype as _is_real_dtype
 from .errors import InvalidArgumentError
 
 
@@ -76,15 +77,6 @@ def parse_pattern(pattern) -> tuple[int, int] | None:
     if not 0 < n < m:
         raise InvalidArgumentError(f"N:M pattern needs 0 < N < M, got {n}:{m}")
     return n, m
-
-
-def _is_real_dtype(dtype) -> bool:
-    if dtype is None:
-        return False
-    try:
-        return dtype == np.bool_ or (jnp.issubdtype(dtype, jnp.number) and not jnp.issubdtype(dtype, jnp.complexfloating))
-    except Exception:  # not a dtype at all (e.g. a torch dtype)
-        return False
 
 
 def check_scores(scores, min_ndim: int = 0, what: str = "scores"):
