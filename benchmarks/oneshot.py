@@ -77,7 +77,7 @@ def torch_reference(params, calib, method, pattern):
 
 
 def jp_pattern(pattern):
-    from jaxprune.masks import parse_pattern
+    from jaxprune.sparsity.masks import parse_pattern
     return parse_pattern(pattern)
 
 

@@ -26,7 +26,7 @@ from jaxprune.structured.finercut import finercut
 from jaxprune.structured.l0 import l0_prune
 from jaxprune.training.lora import lora_finetune, lora_merge
 from jaxprune.training.masked import keep_masked
-from jaxprune.masks import apply_masks, summary as sparsity_summary
+from jaxprune.sparsity.masks import apply_masks, summary as sparsity_summary
 from jaxprune.models import forward, init
 from jaxprune.oneshot.owl import owl_sparsities
 from jaxprune.oneshot.pruning import default_prunable, magnitude, sparsegpt, wanda

@@ -102,7 +102,7 @@ def cmd_prune(args) -> int:
 
     from jaxprune.evaluation.perplexity import perplexity
     from jaxprune.io.export import save
-    from jaxprune.masks import apply_masks, summary
+    from jaxprune.sparsity.masks import apply_masks, summary
     from jaxprune.oneshot.owl import owl_sparsities
     from jaxprune.oneshot.pruning import magnitude, sparsegpt, wanda
     from jaxprune.report import layer_statistics
@@ -245,7 +245,7 @@ def _inputs(args, n_calib_default: int, calib_seqlen: int, timings: dict):
 
 def _check_prune_args(args) -> None:
     """--sparsity, --pattern, --seqlen and --n-calib, checked before anything is loaded."""
-    from jaxprune.masks import check_sparsity, parse_pattern
+    from jaxprune.sparsity.masks import check_sparsity, parse_pattern
     for flag, check in (("--sparsity", lambda: check_sparsity(args.sparsity)),
                         ("--pattern", lambda: parse_pattern(args.pattern))):
         try:

@@ -23,7 +23,7 @@ import optax
 import pytest
 
 import jaxprune as jp
-from jaxprune import masks as M
+from jaxprune.sparsity import masks as M
 from jaxprune.cli import main
 from jaxprune.errors import CheckpointError, DataError, InvalidArgumentError
 from jaxprune.oneshot.streaming import prune_streaming

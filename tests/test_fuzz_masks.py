@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, event, given, settings, strategies as st
 from hypothesis.extra.numpy import arrays
 
 import jaxprune as jp
-from jaxprune import masks as M
+from jaxprune.sparsity import masks as M
 from jaxprune.errors import JaxpruneError
 
 # jnp.asarray of a float64 array drawn with huge values overflows float32 (in this file, not the library)

@@ -9,7 +9,7 @@ from hypothesis import given, settings, strategies as st
 from hypothesis.extra.numpy import arrays
 
 import jaxprune as jp
-from jaxprune import masks as M
+from jaxprune.sparsity import masks as M
 
 
 def np_keep_top(scores, keep, axis):

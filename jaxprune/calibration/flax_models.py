@@ -36,7 +36,7 @@ from jaxprune.sparsity import criteria
 from jaxprune.calibration.capture import _dense_interceptor, input_stat, plain_path
 from jaxprune.errors import InvalidArgumentError
 from jaxprune.core.checks import is_real_dtype
-from jaxprune.masks import group_size, n_pruned, select_count
+from jaxprune.sparsity.masks import group_size, n_pruned, select_count
 from jaxprune.sparsity.sparsegpt import block_counts, solve
 
 

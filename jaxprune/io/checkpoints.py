@@ -39,7 +39,7 @@ import numpy as np
 
 from jaxprune.models.config import config_from_hf
 from jaxprune.errors import CheckpointError, InvalidArgumentError
-from jaxprune.masks import check_masks_like
+from jaxprune.sparsity.masks import check_masks_like
 from jaxprune.core.params import Params
 
 ITEMS = ("params", "masks", "gates", "config", "metadata")

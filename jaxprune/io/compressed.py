@@ -43,7 +43,7 @@ import jax
 import numpy as np
 
 from jaxprune.errors import CheckpointError, InvalidArgumentError
-from jaxprune.masks import check_masks_like
+from jaxprune.sparsity.masks import check_masks_like
 from jaxprune.core.params import Params
 from jaxprune.io.names import flatten_tree, hf_to_path
 from jaxprune.io.safetensors import open_safetensors, read_metadata, write_safetensors

@@ -22,7 +22,7 @@ import jax
 import numpy as np
 
 from jaxprune.errors import CheckpointError, InvalidArgumentError
-from jaxprune.masks import check_masks_like
+from jaxprune.sparsity.masks import check_masks_like
 from jaxprune.core.params import Params
 from jaxprune.io.names import flatten_tree
 

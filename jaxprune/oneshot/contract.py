@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 
 from jaxprune.errors import InvalidArgumentError
 from jaxprune.oneshot.pruning import magnitude, sparsegpt, wanda
-from jaxprune.masks import apply_masks
+from jaxprune.sparsity.masks import apply_masks
 
 ONE_SHOT_METHODS = ("magnitude", "wanda", "sparsegpt")
 

@@ -20,7 +20,7 @@ import numpy as np
 from jaxprune.sparsity import criteria
 from jaxprune.calibration.capture import input_stats, path_key, plain_path
 from jaxprune.errors import InvalidArgumentError
-from jaxprune.masks import check_sparsity
+from jaxprune.sparsity.masks import check_sparsity
 from jaxprune.core.params import Params
 from jaxprune.oneshot.pruning import _validate_tokens, default_prunable
 

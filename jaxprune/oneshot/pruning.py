@@ -28,7 +28,7 @@ from jaxprune.calibration.capture import path_key, plain_path
 from jaxprune.calibration.driver import prune_counts, prune_layer, run_layerwise
 from jaxprune.core.checks import check_tokens
 from jaxprune.errors import DataError, InvalidArgumentError, check_int
-from jaxprune.masks import check_sparsity, full_masks, global_masks, group_size, n_pruned, parse_pattern, select_count
+from jaxprune.sparsity.masks import check_sparsity, full_masks, global_masks, group_size, n_pruned, parse_pattern, select_count
 from jaxprune.core.params import Params, get_path, set_path
 from jaxprune.sparsity.sparsegpt import block_counts, solve
 

@@ -49,7 +49,7 @@ from jaxprune.errors import CheckpointError, InvalidArgumentError
 from jaxprune.io.hf import open_weights, read_config
 from jaxprune.io.names import build_tree, flatten_tree, hf_to_path
 from jaxprune.io.safetensors import read_tensor, tensor_locations, write_safetensors
-from jaxprune.masks import check_sparsity, parse_pattern
+from jaxprune.sparsity.masks import check_sparsity, parse_pattern
 from jaxprune.core.params import Params
 from jaxprune.models.layout import layout_of
 from jaxprune.core.progress import progress

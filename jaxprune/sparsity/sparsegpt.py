@@ -29,7 +29,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from jaxprune.masks import keep_top
+from jaxprune.sparsity.masks import keep_top
 
 
 def hessian(x):

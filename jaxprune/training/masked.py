@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxprune.errors import InvalidArgumentError
-from jaxprune.masks import mask_mismatch
+from jaxprune.sparsity.masks import mask_mismatch
 from jaxprune.core.params import Params
 from jaxprune.training.losses import distillation_loss, lm_loss, random_batch  # noqa: F401  (re-exported)
 

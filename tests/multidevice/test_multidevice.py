@@ -15,7 +15,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import jaxprune as jp
 from jaxprune.parallel import distributed
 from jaxprune.calibration.capture import input_stats
-from jaxprune.masks import select_count
+from jaxprune.sparsity.masks import select_count
 from jaxprune.sparsity.sparsegpt import prune_kernel
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices")

@@ -31,8 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .core.checks import is_real_dtype as _is_real_dtype
-from .errors import InvalidArgumentError
+from jaxprune.core.checks import is_real_dtype as _is_real_dtype
+from jaxprune.errors import InvalidArgumentError
 
 
 def _show(x, limit: int = 80) -> str:
