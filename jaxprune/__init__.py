@@ -35,6 +35,7 @@ from jaxprune.core.params import Params
 from jaxprune.evaluation.tasks import continuation_accuracy, continuation_task, generation_task, last_word_accuracy, last_word_task
 from jaxprune.evaluation.tasks import write_lm_eval_task
 from jaxprune.evaluation.generation_metrics import evaluate_generation, hidden_state_embedder, nonzero_parameters, rouge_scores
+from jaxprune.generation.engine import generate
 from jaxprune import report
 
 
@@ -48,6 +49,7 @@ def __getattr__(name):
 __version__ = "0.1.0"
 
 __all__ = [
+    "generate",
     "CheckpointError",
     "DataError",
     "InvalidArgumentError",

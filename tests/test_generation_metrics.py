@@ -15,7 +15,7 @@ import jaxprune as jp                                                      # noq
 from jaxprune.evaluation import generation_metrics as gm                              # noqa: E402
 from jaxprune.errors import InvalidArgumentError                           # noqa: E402
 from jaxprune.models import hidden_states                                  # noqa: E402
-from jaxprune.evaluation.reasoning import embedding_cosine                            # noqa: E402
+from jaxprune.evaluation.text_metrics import embedding_cosine                           # noqa: E402
 
 from evaluation_helpers import ByteTok, successor_params, tiny_params  # noqa: E402
 

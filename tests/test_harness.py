@@ -321,7 +321,8 @@ def test_lm_eval_is_imported_lazily(monkeypatch):
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('lm_eval', 'rouge_score')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
-    monkeypatch.setattr(harness, "_LM_CLASS", None)
+    monkeypatch.delitem(sys.modules, "jaxprune.evaluation.lm_eval_model", raising=False)
     monkeypatch.setitem(sys.modules, "lm_eval.api", None)       # as if lm-eval were not installed
+    monkeypatch.setitem(sys.modules, "lm_eval.api.model", None)
     with pytest.raises(ImportError, match=r"pip install 'jaxprune\[eval\]'"):
         harness.JaxpruneLM

@@ -1,4 +1,4 @@
-"""The composite reasoning utility: metrics, greedy decoding, sub-model batching."""
+"""The composite reasoning utility: metrics, greedy decoding through the engine, sub-model batching."""
 
 from __future__ import annotations
 
@@ -12,9 +12,12 @@ import pytest
 
 import jaxprune as jp
 from jaxprune.models import forward, init
-from jaxprune.evaluation.reasoning import (ReasoningUtility, answer_accuracy, embedding_cosine, final_number,
-                                greedy_generate, greedy_generate_batch, minilm_embedder, normalize_answer,
-                                token_f1, trim_generation)
+from jaxprune.evaluation.embedders import minilm_embedder
+from jaxprune.evaluation.reasoning import ReasoningUtility
+from jaxprune.evaluation.text_metrics import answer_accuracy, embedding_cosine, final_number, normalize_answer, token_f1
+from jaxprune.generation import decode as greedy_generate
+from jaxprune.generation import decode_submodels as greedy_generate_batch
+from jaxprune.generation import trim as trim_generation
 
 CFG = jp.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)

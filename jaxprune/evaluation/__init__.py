@@ -1,4 +1,4 @@
-"""Perplexity, proxy tasks, generation metrics and the reasoning utility (the lm-eval adapter, `jaxprune.evaluation.harness`, imports lm-eval and is not imported here)."""
+"""Perplexity, scoring, proxy tasks, text metrics, generation metrics and the reasoning utility (the lm-eval adapter, `jaxprune.evaluation.harness`, imports lm-eval lazily and is not imported here)."""
 
 from jaxprune.evaluation.perplexity import (
     model_logits,
@@ -26,18 +26,16 @@ from jaxprune.evaluation.generation_metrics import (
     hidden_state_embedder,
     evaluate_generation,
 )
-from jaxprune.evaluation.reasoning import (
-    gates_lib,
-    num_submodels,
-    greedy_generate,
-    greedy_generate_batch,
-    trim_generation,
+from jaxprune.evaluation.text_metrics import (
     normalize_answer,
     token_f1,
     final_number,
     answer_accuracy,
     embedding_cosine,
-    ReasoningUtility,
+    cosine_rows,
+)
+from jaxprune.evaluation.reasoning import ReasoningUtility
+from jaxprune.evaluation.embedders import (
     MINILM_PACKAGE,
     minilm_model_dir,
     minilm_embedder,

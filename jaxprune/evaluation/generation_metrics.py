@@ -7,7 +7,7 @@ continuation of each prompt and reports:
   ["rouge1", "rouge2", "rougeL"], use_stemmer=True)` scoring each generation
   against its reference (`rouge-score` package, `pip install 'jaxprune[eval]'`).
 - **embedding similarity**: mean cosine of generation and reference embeddings
-  under `embed_fn` (`reasoning.embedding_cosine`; e.g. `reasoning.minilm_embedder()`).
+  under `embed_fn` (`text_metrics.embedding_cosine`; e.g. `embedders.minilm_embedder()`).
   Without one, `hidden_state_embedder(params, tok)` is used: the evaluated
   model's own final hidden states (before the final norm), mean-pooled over
   token positions 1.. (position 0, the attention sink, carries outsized
@@ -16,9 +16,8 @@ continuation of each prompt and reports:
   `embed_fn` to all (e.g. the dense model's `hidden_state_embedder`).
 - **efficiency**: non-zero parameters (entries != 0 over every array of the
   params), decoding seconds (compilation excluded) and generated tokens per
-  second. Decoding has no KV cache (`jaxprune.evaluation.harness.generate_ids`), so the
-  absolute speed is that of re-running the prefix, and unstructured zeros do
-  not make it faster; the columns compare models decoded the same way.
+  second, decoded by the KV-cached engine (`jaxprune.generation`); unstructured zeros
+  do not make it faster, compaction does.
 
 Example:
     >>> rouge_scores(["the cat sat on the mat"], ["the cat sat on the mat"])["rougeL"]
@@ -32,11 +31,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprune.errors import InvalidArgumentError, check_int
-from jaxprune.evaluation.harness import _check_params, _check_tokenizer, eos_token_ids, generate_ids, length_bucket
-from jaxprune.evaluation.harness import model_max_length, prefix_token_id
+from jaxprune.core.buckets import length_bucket
+from jaxprune.evaluation.scoring import _check_params, _check_tokenizer, eos_token_ids, model_max_length, prefix_token_id
+from jaxprune.evaluation.text_generation import generate_ids
 from jaxprune.models import hidden_states
 from jaxprune.core.params import Params
-from jaxprune.evaluation.reasoning import embedding_cosine
+from jaxprune.evaluation.text_metrics import embedding_cosine
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 
@@ -153,7 +153,7 @@ def evaluate_generation(params: Params, tok, prompts, references, max_new_tokens
       max_new_tokens: tokens generated per prompt (fewer if a stop token comes first).
       embed_fn: `list[str] -> [n, d]` for the embedding similarity; default
         `hidden_state_embedder(params, tok)` (see the module docstring).
-      batch_size, max_length, gates: as in `jaxprune.evaluation.harness.generate_ids`.
+      batch_size, max_length, gates: as in `jaxprune.evaluation.text_generation.generate_ids`.
       stop_token_ids: ids that end a generation (default: the tokenizer's EOS).
 
     Returns:

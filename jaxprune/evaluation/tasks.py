@@ -68,7 +68,7 @@ import numpy as np
 
 from jaxprune.data.text import EVALUATION_TEXT, bundled_text
 from jaxprune.errors import DataError, InvalidArgumentError, check_int
-from jaxprune.evaluation.harness import _check_tokenizer, encode_pair, score_pairs
+from jaxprune.evaluation.scoring import _check_tokenizer, encode_pair, score_pairs
 
 STOPWORDS = frozenset("""
 the and but for nor yet with from into onto upon than then that this these those there their they them

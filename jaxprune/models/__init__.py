@@ -63,15 +63,25 @@ def init(config, key, dtype=jnp.float32) -> Params:
     return Params(config, jax.tree.unflatten(treedef, out))
 
 
-def embed(params: Params, tokens, gates=None):
-    """tokens [B, T] -> (hidden states [B, T, D], per-forward context for `layer`)."""
-    return family(params.config).embed(params.config, params.tree, tokens, gates or {})
+def embed(params: Params, tokens, gates=None, positions=None):
+    """tokens [B, T] -> (hidden states [B, T, D], per-forward context for `layer`).
+
+    positions: int [B, T] position of each token (decoding with a KV cache); default ``arange(T)``.
+    """
+    kw = {} if positions is None else {"positions": positions}
+    return family(params.config).embed(params.config, params.tree, tokens, gates or {}, **kw)
 
 
-def layer(params: Params, i: int, x, ctx, gates=None):
-    """Apply decoder layer `i` to hidden states x [B, T, D]."""
+def layer(params: Params, i: int, x, ctx, gates=None, cache=None):
+    """Apply decoder layer `i` to hidden states x [B, T, D].
+
+    With a KV `cache` for this layer (`jaxprune.generation.kv_cache`) returns (x, new cache);
+    a layer without attention returns its cache (None) unchanged.
+    """
     cfg = params.config
     kw = {} if layer_type(cfg, i) is None else {"layer_type": layer_type(cfg, i)}
+    if cache is not None:
+        kw["cache"] = cache
     return family(cfg).layer(cfg, params.tree["layers"][i], x, ctx, gates_lib.layer_gates(gates, i),
                              kv_groups(cfg, i), **kw)
 

@@ -92,17 +92,65 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None):
 
 
 def rope_tables(positions, inv_freq):
-    """cos/sin tables [T, head_dim] for integer positions [T] (HF's half-split layout)."""
-    ang = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]
+    """cos/sin tables [..., head_dim] for integer positions [T] or [B, T] (HF's half-split layout)."""
+    ang = positions.astype(jnp.float32)[..., None] * inv_freq
     ang = jnp.concatenate([ang, ang], axis=-1)
     return jnp.cos(ang), jnp.sin(ang)
 
 
 def apply_rope(x, cos, sin):
-    """Rotate x [B, T, H, Dh] by the tables [T, Dh] (rotate-half convention)."""
+    """Rotate x [B, T, H, Dh] by the tables [T, Dh] or per row [B, T, Dh] (rotate-half convention)."""
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return (x * cos[None, :, None, :] + rotated * sin[None, :, None, :]).astype(x.dtype)
+    cos, sin = (t[None, :, None, :] if t.ndim == 2 else t[:, :, None, :] for t in (cos, sin))
+    return (x * cos + rotated * sin).astype(x.dtype)
+
+
+def attend_with_cache(q, k, v, cache: dict, scale: float, window: int | None = None,
+                      softcap: float | None = None, expand=None):
+    """Attention of new queries through a fixed-size KV cache: (output [B, T, H, Dh], new cache).
+
+    cache: ``{"k": [B, S, KV, Dh], "v": [B, S, KV, Dh], "pos": int32 [B]}`` (see
+    `jaxprune.generation.kv_cache`). Two cases, told apart by the static T:
+
+    - T > 1 is the *prefill*: k, v are written to slots 0..T-1 of every row (rows padded on
+      the right write junk past their length, which later tokens overwrite before any query
+      sees it) and attention is the ordinary causal one (`causal_attention`).
+    - T == 1 is one *decoding step*: row b's k, v go to slot ``pos[b]`` and its query sees
+      slots ``<= pos[b]`` (within `window`, if any).
+
+    expand: optional function mapping cached K/V heads to the heads the queries use (unequal
+    K/V groups after compaction); by default H / KV query heads share each cached head.
+    """
+    B, T, H, Dh = q.shape
+    ck, cv = cache["k"], cache["v"]
+    if T > 1:
+        ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, 0, 0, 0))
+        cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, 0, 0, 0))
+        if expand is not None:
+            k, v = expand(k), expand(v)
+        o = causal_attention(q, k, v, scale, window=window, softcap=softcap)
+        return o, {**cache, "k": ck, "v": cv}
+    pos = cache["pos"]
+    rows = jnp.arange(B)
+    ck = ck.at[rows, pos].set(k[:, 0].astype(ck.dtype))
+    cv = cv.at[rows, pos].set(v[:, 0].astype(cv.dtype))
+    keys, values = (ck, cv) if expand is None else (expand(ck), expand(cv))
+    KV = keys.shape[2]
+    G = H // KV
+    qg = (q[:, 0] * jnp.asarray(scale, q.dtype)).reshape(B, KV, G, Dh)
+    s = jnp.einsum("bkgd,bskd->bkgs", qg, keys.astype(q.dtype), preferred_element_type=jnp.float32)
+    if softcap is not None:
+        s = jnp.tanh(s / softcap) * softcap
+    slot = jnp.arange(keys.shape[1])
+    visible = slot[None, :] <= pos[:, None]
+    if window is not None:
+        visible = visible & (pos[:, None] - slot[None, :] < window)
+    s = jnp.where(visible[:, None, None, :], s, -jnp.inf)
+    p = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))
+    o = jnp.einsum("bkgs,bskd->bkgd", p.astype(v.dtype), values.astype(v.dtype), preferred_element_type=jnp.float32)
+    o = (o / jnp.sum(p, axis=-1, keepdims=True)).astype(v.dtype)
+    return o.reshape(B, 1, H, Dh), {**cache, "k": ck, "v": cv}
 
 
 def causal_attention(q, k, v, scale: float, chunk: int = 128, window: int | None = None,

@@ -35,7 +35,7 @@ import numpy as np
 from jaxprune.models.config import LlamaConfig
 from jaxprune.errors import InvalidArgumentError
 from jaxprune.models import gates as G
-from jaxprune.models.layers import RMSNorm, apply_rope, causal_attention, rope_inv_freq, rope_tables
+from jaxprune.models.layers import RMSNorm, apply_rope, attend_with_cache, causal_attention, rope_inv_freq, rope_tables
 from jaxprune.models.layout import Layout, Linear, Norm, register
 
 ACTIVATIONS = {"silu": jax.nn.silu, "swish": jax.nn.silu,
@@ -56,7 +56,7 @@ class LlamaAttention(nn.Module):
     window: int | None = None       # sliding window (None: full causal attention)
 
     @nn.compact
-    def __call__(self, x, cos, sin, g):
+    def __call__(self, x, cos, sin, g, cache=None):
         cfg, Dh = self.config, self.config.head_dim
         dense = lambda n, name, bias: nn.Dense(n, use_bias=bias, name=name, dtype=x.dtype)
         B, T, _ = x.shape
@@ -66,13 +66,19 @@ class LlamaAttention(nn.Module):
         if cfg.qk_norm:
             q, k = _norm(cfg, "q_norm")(q), _norm(cfg, "k_norm")(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        expand = None
         if self.kv_groups is not None:
-            k, v = (_per_query_head(t, self.kv_groups, self.n_heads) for t in (k, v))
-        o = causal_attention(q, k, v, cfg.query_scale, window=self.window, softcap=cfg.attn_softcap)
+            expand = lambda t: _per_query_head(t, self.kv_groups, self.n_heads)
+        if cache is None:
+            if expand is not None:
+                k, v = expand(k), expand(v)
+            o = causal_attention(q, k, v, cfg.query_scale, window=self.window, softcap=cfg.attn_softcap)
+        else:
+            o, cache = attend_with_cache(q, k, v, cache, cfg.query_scale, self.window, cfg.attn_softcap, expand)
         m = head_multiplier(g, self.n_heads, self.n_kv, self.kv_groups, o.dtype)
         if m is not None:
             o = o * m[:, None]
-        return dense(x.shape[-1], "o_proj", cfg.o_bias)(o.reshape(B, T, self.n_heads * Dh))
+        return dense(x.shape[-1], "o_proj", cfg.o_bias)(o.reshape(B, T, self.n_heads * Dh)), cache
 
 
 def _per_query_head(t, kv_groups: tuple, n_heads: int, axis: int = 2):
@@ -119,13 +125,13 @@ class LlamaBlock(nn.Module):
     window: int | None = None
 
     @nn.compact
-    def __call__(self, x, cos, sin, g):
+    def __call__(self, x, cos, sin, g, cache=None):
         cfg = self.config
         hg = g.get("hidden")
         sandwich = cfg.sandwich_norms
         if self.n_heads:
-            a = LlamaAttention(cfg, self.n_heads, self.n_kv, self.kv_groups, self.window, name="self_attn")(
-                _norm(cfg, "input_layernorm")(x, hg), cos, sin, g)
+            a, cache = LlamaAttention(cfg, self.n_heads, self.n_kv, self.kv_groups, self.window, name="self_attn")(
+                _norm(cfg, "input_layernorm")(x, hg), cos, sin, g, cache)
             if sandwich:
                 a = _norm(cfg, "post_attention_layernorm")(a, hg)
             x = x + _gate_update(a, g, "attn", hg)
@@ -135,7 +141,7 @@ class LlamaBlock(nn.Module):
             if sandwich:
                 m = _norm(cfg, "post_feedforward_layernorm")(m, hg)
             x = x + _gate_update(m, g, "mlp", hg)
-        return x
+        return x, cache
 
 
 def _gate_update(update, g, name, hidden_gate):
@@ -159,14 +165,18 @@ def layer_dims(config: LlamaConfig, lp: dict) -> dict:
     }
 
 
-def embed(config: LlamaConfig, tree: dict, tokens, gates: dict):
-    """tokens -> (hidden states, ``{layer_type: (cos, sin)}`` RoPE tables of each layer type)."""
+def embed(config: LlamaConfig, tree: dict, tokens, gates: dict, positions=None):
+    """tokens -> (hidden states, ``{layer_type: (cos, sin)}`` RoPE tables of each layer type).
+
+    positions: int [B, T] position of each token (decoding with a cache); default ``arange(T)``.
+    """
     x = jnp.take(tree["embed_tokens"]["embedding"], tokens, axis=0)
     if config.embed_multiplier is not None:
         x = x * jnp.asarray(config.embed_multiplier, x.dtype)
     if gates.get("hidden") is not None:
         x = x * gates["hidden"].astype(x.dtype)
-    positions = jnp.arange(tokens.shape[-1])
+    if positions is None:
+        positions = jnp.arange(tokens.shape[-1])
     tables = {}
     for kind in config.attention_kinds or ("full_attention",):
         theta, scaling = config.rope_for(kind)
@@ -175,8 +185,11 @@ def embed(config: LlamaConfig, tree: dict, tokens, gates: dict):
 
 
 def layer(config: LlamaConfig, lp: dict, x, ctx, g: dict, kv_groups: tuple | None = None,
-          layer_type: str | None = None):
-    """Decoder layer `lp` on hidden states x; `layer_type` (static) is ``config.layer_type(i)``."""
+          layer_type: str | None = None, cache: dict | None = None):
+    """Decoder layer `lp` on hidden states x; `layer_type` (static) is ``config.layer_type(i)``.
+
+    With a KV `cache` (see `jaxprune.models.layers.attend_with_cache`) returns (x, new cache).
+    """
     if layer_type is None:
         kinds = config.attention_kinds
         if len(kinds) > 1:
@@ -187,7 +200,8 @@ def layer(config: LlamaConfig, lp: dict, x, ctx, g: dict, kv_groups: tuple | Non
     cos, sin = ctx[layer_type]
     block = LlamaBlock(config, **layer_dims(config, lp), kv_groups=kv_groups if lp.get("self_attn") else None,
                        window=config.window_for(layer_type))
-    return block.apply({"params": lp}, x, cos, sin, g)
+    x, cache_out = block.apply({"params": lp}, x, cos, sin, g, cache)
+    return x if cache is None else (x, cache_out)
 
 
 def unembed(config: LlamaConfig, tree: dict, x, gates: dict):

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from jaxprune.models.config import OPTConfig
 from jaxprune.models import gates as G
-from jaxprune.models.layers import LayerNorm, causal_attention
+from jaxprune.models.layers import LayerNorm, attend_with_cache, causal_attention
 from jaxprune.models.layout import Layout, Linear, Norm, register
 
 _ACT = {"relu": jax.nn.relu, "gelu": lambda x: jax.nn.gelu(x, approximate=False),
@@ -25,18 +25,21 @@ class OPTAttention(nn.Module):
     n_heads: int
 
     @nn.compact
-    def __call__(self, x, g):
+    def __call__(self, x, g, cache=None):
         cfg, Dh = self.config, self.config.head_dim
         dense = lambda n, name: nn.Dense(n, use_bias=cfg.enable_bias, name=name, dtype=x.dtype)
         B, T, _ = x.shape
         q = dense(self.n_heads * Dh, "q_proj")(x).reshape(B, T, self.n_heads, Dh)
         k = dense(self.n_heads * Dh, "k_proj")(x).reshape(B, T, self.n_heads, Dh)
         v = dense(self.n_heads * Dh, "v_proj")(x).reshape(B, T, self.n_heads, Dh)
-        o = causal_attention(q, k, v, Dh ** -0.5)
+        if cache is None:
+            o = causal_attention(q, k, v, Dh ** -0.5)
+        else:
+            o, cache = attend_with_cache(q, k, v, cache, Dh ** -0.5)
         m = G.head_multiplier(g, self.n_heads, self.n_heads, o.dtype)
         if m is not None:
             o = o * m[:, None]
-        return dense(x.shape[-1], "out_proj")(o.reshape(B, T, self.n_heads * Dh))
+        return dense(x.shape[-1], "out_proj")(o.reshape(B, T, self.n_heads * Dh)), cache
 
 
 class OPTBlock(nn.Module):
@@ -47,13 +50,20 @@ class OPTBlock(nn.Module):
     ffn_dim: int
 
     @nn.compact
-    def __call__(self, x, g):
+    def __call__(self, x, g, cache=None):
         cfg = self.config
         hg = g.get("hidden")
         norm = lambda name: LayerNorm(cfg.layer_norm_eps, cfg.layer_norm_elementwise_affine, name=name)
         if self.n_heads:
             attn = OPTAttention(cfg, self.n_heads, name="self_attn")
-            x = self._residual(x, lambda h: attn(h, g), norm("self_attn_layer_norm"), G.sublayer_multiplier(g, "attn"), hg)
+            out = {}
+
+            def attend(h):
+                o, out["cache"] = attn(h, g, cache)
+                return o
+
+            x = self._residual(x, attend, norm("self_attn_layer_norm"), G.sublayer_multiplier(g, "attn"), hg)
+            cache = out["cache"]
         if self.ffn_dim:
             fc1 = nn.Dense(self.ffn_dim, use_bias=cfg.enable_bias, name="fc1", dtype=x.dtype)
             fc2 = nn.Dense(x.shape[-1], use_bias=cfg.enable_bias, name="fc2", dtype=x.dtype)
@@ -65,7 +75,7 @@ class OPTBlock(nn.Module):
                 return fc2(h)
 
             x = self._residual(x, mlp, norm("final_layer_norm"), G.sublayer_multiplier(g, "mlp"), hg)
-        return x
+        return x, cache
 
     def _residual(self, x, f, norm, s, hg):
         if self.config.do_layer_norm_before:
@@ -91,20 +101,27 @@ def layer_dims(config: OPTConfig, lp: dict) -> dict:
             "ffn_dim": lp["fc1"]["kernel"].shape[1] if "fc1" in lp else 0}
 
 
-def embed(config: OPTConfig, tree: dict, tokens, gates: dict):
+def embed(config: OPTConfig, tree: dict, tokens, gates: dict, positions=None):
+    """tokens [B, T] (at `positions` [B, T], default ``arange(T)``) -> (hidden states, None)."""
     x = jnp.take(tree["embed_tokens"]["embedding"], tokens, axis=0)
     if "project_in" in tree:
         x = x @ tree["project_in"]["kernel"].astype(x.dtype)
     T = tokens.shape[-1]
-    pos = tree["embed_positions"]["embedding"][config.position_offset:config.position_offset + T]
+    table = tree["embed_positions"]["embedding"]
+    if positions is None:
+        pos = table[config.position_offset:config.position_offset + T]
+    else:
+        pos = jnp.take(table, positions + config.position_offset, axis=0)
     x = x + pos.astype(x.dtype)
     if gates.get("hidden") is not None:
         x = x * gates["hidden"].astype(x.dtype)
     return x, None
 
 
-def layer(config: OPTConfig, lp: dict, x, ctx, g: dict, kv_groups=None):  # OPT: one K/V head per query head
-    return OPTBlock(config, **layer_dims(config, lp)).apply({"params": lp}, x, g)
+def layer(config: OPTConfig, lp: dict, x, ctx, g: dict, kv_groups=None, cache: dict | None = None):
+    """Decoder layer `lp` on x (OPT: one K/V head per query head); with a KV cache -> (x, cache)."""
+    x, cache_out = OPTBlock(config, **layer_dims(config, lp)).apply({"params": lp}, x, g, cache)
+    return x if cache is None else (x, cache_out)
 
 
 def unembed(config: OPTConfig, tree: dict, x, gates: dict):
