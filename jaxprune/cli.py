@@ -9,6 +9,8 @@
     jaxprune prune HF_DIR --stream --method wanda|sparsegpt --out DIR      (one layer in memory
                    at a time; resumes an interrupted run; no evaluation)
     jaxprune report RUN_DIR [RUN_DIR ...] [--out DIR]   (PNG plots + report.md of prune runs)
+    jaxprune generate [MODEL] --prompt TEXT [--max-new-tokens 64] [--temperature 0.8 --seed 0]
+                   (KV-cached decoding; tokens stream to the terminal as they are made)
 
 Scale: `--model-parallel N` runs one-shot methods on a ("data", "model") mesh of all devices
 (calibration batches split over "data", weights over N-way "model"); `--coordinator HOST:PORT
@@ -340,6 +342,42 @@ def cmd_prune_structured(args) -> int:
     return 0
 
 
+def cmd_generate(args) -> int:
+    import jax
+
+    from jaxprune.generation import generate
+    from jaxprune.io.resolve import load, tokenizer as load_tokenizer
+
+    params, tok = load(args.model), load_tokenizer(args.model)
+    prompt = args.prompt
+    ids = list(tok.encode(prompt))
+    if not ids:
+        raise InvalidArgumentError("--prompt encodes to no tokens")
+    eos = tok.eos_token_id
+    stops = [] if eos is None else list(eos) if isinstance(eos, (list, tuple)) else [eos]
+    made: list[int] = []
+    shown = [""]
+
+    def on_token(step, new):                       # called from inside the compiled loop
+        t = int(new[0])
+        if t < 0 or t in stops:
+            return
+        made.append(t)
+        text = tok.decode(made)
+        if not text.endswith("\ufffd"):          # wait for a whole character
+            sys.stdout.write(text[len(shown[0]):])
+            sys.stdout.flush()
+            shown[0] = text
+
+    sys.stdout.write(prompt)
+    sys.stdout.flush()
+    key = jax.random.key(args.seed) if args.temperature > 0 else None
+    generate(params, [ids], args.max_new_tokens, key=key, temperature=args.temperature, top_k=args.top_k,
+             top_p=args.top_p, stop_token_ids=stops, on_token=on_token)
+    sys.stdout.write(tok.decode(made)[len(shown[0]):] + "\n")
+    return 0
+
+
 def cmd_report(args) -> int:
     from jaxprune.report import render
     res = render(args.runs, args.out)
@@ -394,6 +432,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", help="run directories (the --out of `jaxprune prune`, with report.json)")
     p.add_argument("--out", default=None, help="output directory (default: RUN_DIR/report of the first run)")
     p.set_defaults(func=cmd_report)
+    p = sub.add_parser("generate", help="continue a prompt (KV-cached decoding, streamed to the terminal)")
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0, help="random seed when sampling")
+    p.set_defaults(func=cmd_generate)
     return ap
 
 

@@ -207,3 +207,16 @@ def test_multi_host_flags_are_checked(monkeypatch, capsys):
     monkeypatch.delenv("JAXPRUNE_PROCESS_ID", raising=False)
     assert main(["prune", "--coordinator", "localhost:1", "--out", "/tmp/never"]) == 2
     assert "number of processes" in capsys.readouterr().err
+
+
+def test_generate_streams_the_engine_continuation(opt_dir, tmp_path, capsys):
+    import jaxprune as jp
+    d = with_char_tokenizer(opt_dir, tmp_path)
+    assert main(["generate", str(d), "--prompt", "Hello there", "--max-new-tokens", "12"]) == 0
+    out = capsys.readouterr().out
+    tok = jp.tokenizer(str(d))
+    expected = jp.generate(jp.load(str(d)), ["Hello there"], 12, tokenizer=tok)[0]
+    assert out == "Hello there" + expected + "\n"
+    assert main(["generate", str(d), "--prompt", "Hi", "--max-new-tokens", "5", "--temperature", "0.9",
+                 "--top-k", "5", "--seed", "1"]) == 0
+    assert capsys.readouterr().out.startswith("Hi")
