@@ -54,12 +54,15 @@ def np_wanda_keep(W, X, sparsity):
 
 
 def np_nm_keep(metric, n, m):
-    keep = np.ones_like(metric, bool)
-    for g in range(0, metric.shape[1], m):
-        order = np.argsort(metric[:, g:g + m], axis=1, kind="stable")
-        for r in range(metric.shape[0]):
-            keep[r, g + order[r, :m - n]] = False
-    return keep
+    """metric [out, in] (torch layout): in every group of m inputs prune the m - n that the
+    reference's torch.topk(tmp, prune_n, dim=1, largest=False) picks (on CPU; its choice among
+    equal scores is libstdc++'s nth_element order, not a stable sort: tests/test_nm_ties.py)."""
+    W_metric = torch.from_numpy(np.ascontiguousarray(metric))
+    pruned = torch.zeros(W_metric.shape, dtype=torch.bool)
+    for ii in range(0, W_metric.shape[1], m):
+        tmp = W_metric[:, ii:(ii + m)].float()
+        pruned.scatter_(1, ii + torch.topk(tmp, m - n, dim=1, largest=False)[1], True)
+    return ~pruned.numpy()
 
 
 def reference_prune(model, calib, names, prune, mode):

@@ -5,10 +5,24 @@ comparison group) is therefore a column `kernel[:, j]`, and N:M groups run along
 the input axis (axis 0): every M consecutive inputs of one output keep N.
 
 Selections keep an exact count: `int(n * sparsity)` entries of each comparison
-group are pruned, and ties are broken deterministically: among equal scores the
-lower index is pruned first (the higher kept), as the reference's stable
-ascending sort does, so quantized weights with many equal values still hit the
-target.
+group are pruned (M - N of every N:M group), so quantized weights with many equal
+values still hit the target, and ties are broken deterministically, the way the
+reference (locuslab/wanda) breaks them:
+
+- Per output row, per layer, global: among equal scores the lower index is
+  pruned first (the higher kept), as the reference's stable ascending sort does.
+- N:M: exactly the M - N entries of each group that the reference's
+  `torch.topk(group, M - N, largest=False)` prunes on CPU. That choice follows
+  no simple index rule: torch runs libstdc++'s `std::nth_element` on the group's
+  (value, index) pairs (introselect: median-of-three quickselect partitions,
+  then an insertion sort of the last <= 3 entries, heap selection if its depth
+  limit runs out), so which of several equal scores is pruned depends on the
+  positions and values of the whole group. Groups of 2 or 3 prune the lower
+  index first; four equal scores at 2:4 prune indices 2 and 3, at 1:4 indices
+  0, 2 and 3; [3, 3, 1, 3] at 2:4 prunes 2 and 3; [0, 1, 1, 1] at 2:4 prunes 0
+  and 2. `nm_keep` replays that algorithm for groups of up to 16
+  (`TORCH_TIES_MAX_M`, which covers 2:4, 4:8 and 8:16); larger groups use the
+  lower-index rule. (torch's CUDA topk may choose differently among ties.)
 
 A mask pytree has the structure of the params: a bool array of the same shape
 for every leaf, `True` = keep. Leaves that are not pruned get all-`True` masks
@@ -21,10 +35,15 @@ Example:
     [[0, 1, 1, 0], [1, 0, 1, 0]]
     >>> nm_mask(jnp.abs(w), 1, 2).astype(int).T.tolist()
     [[0, 1, 1, 0], [1, 0, 1, 0]]
+    >>> nm_mask(jnp.ones((4, 1)), 2, 4).astype(int).T.tolist()   # ties: torch.topk's choice
+    [[1, 1, 0, 0]]
+    >>> nm_mask(jnp.array([[3.], [3.], [1.], [3.]]), 2, 4).astype(int).T.tolist()
+    [[1, 1, 0, 0]]
 """
 
 from __future__ import annotations
 
+import functools
 import re
 
 import jax
@@ -141,6 +160,186 @@ def keep_top(scores, keep, axis: int = -1):
     return jnp.moveaxis(~prune, -1, axis)
 
 
+TORCH_TIES_MAX_M = 16  # N:M groups up to this size replay torch's CPU topk; larger ones use keep_top
+
+
+def _torch_key(x):
+    """int32 keys that order float32 values as torch's CPU topk compares them: -0 equals +0, and
+    every NaN equals every other NaN and lies above +inf."""
+    x = x.astype(jnp.float32)
+    key = _sortable_key(jnp.where(x == 0, jnp.zeros((), jnp.float32), x))
+    return jnp.where(jnp.isnan(x), jnp.int32(0x7FFFFFFF), key)
+
+
+def _gather(a, src):
+    """a[g, src[g, ...]] for every group g (int32 a [G, M]; src [G] or [G, M]), by one-hot max:
+    faster on CPU than a gather for these short rows."""
+    slots = jnp.arange(a.shape[1], dtype=jnp.int32)
+    hit = src[..., None] == slots
+    return jnp.max(jnp.where(hit, a[:, None, :] if src.ndim == 2 else a, jnp.iinfo(jnp.int32).min), axis=-1)
+
+
+def _partition(key, idx, first, last, nth: int):
+    """One step of libstdc++'s introselect loop (std::nth_element) on every group that has more
+    than 3 entries left in [first, last). `key` [G, M]: the values' sortable keys, slot by slot;
+    `idx` [G, M]: which entry of the group each slot holds; `first`, `last` [G].
+
+    The median of slots first + 1, (first + last) / 2 and last - 1 is swapped to `first` and is
+    the pivot; the unguarded Hoare partition of [first + 1, last) follows, in closed form: its
+    left scan stops at entries >= pivot, its right scan at entries <= pivot, and it swaps the k-th
+    left stop with the k-th right stop while the former lies left of the latter (K swaps); the cut
+    it returns is the (K+1)-th left stop or the K-th right stop, whichever is further left.
+    [first, last) then narrows to the side of the cut that holds `nth`."""
+    m = key.shape[1]
+    slots = jnp.arange(m, dtype=jnp.int32)[None]
+    active = last - first > 3
+    a, b, c = jnp.minimum(first + 1, m - 1), first + (last - first) // 2, jnp.maximum(last - 1, 0)
+    va, vb, vc = _gather(key, a), _gather(key, b), _gather(key, c)
+    med = jnp.where(va < vb, jnp.where(vb < vc, b, jnp.where(va < vc, c, a)),
+                    jnp.where(va < vc, a, jnp.where(vb < vc, c, b)))
+
+    def swap(x):
+        at_first, at_med = _gather(x, first)[:, None], _gather(x, med)[:, None]
+        return jnp.where(slots == first[:, None], at_med, jnp.where(slots == med[:, None], at_first, x))
+
+    key1, idx1 = swap(key), swap(idx)
+    pivot = _gather(key1, first)[:, None]
+    inside = (slots > first[:, None]) & (slots < last[:, None])
+    ge = inside & ~(key1 < pivot)  # left-scan stops
+    le = inside & ~(pivot < key1)  # right-scan stops
+    cl = jnp.cumsum(ge, axis=1, dtype=jnp.int32)  # left stops at slots <= j
+    cr = jnp.cumsum(le[:, ::-1], axis=1, dtype=jnp.int32)[:, ::-1]  # right stops at slots >= j
+    ks = jnp.arange(1, m + 1, dtype=jnp.int32)[None, :, None]
+    lpos = jnp.sum(cl[:, None, :] < ks, axis=2, dtype=jnp.int32)  # slot of the k-th left stop (m: none)
+    rpos = jnp.sum(cr[:, None, :] >= ks, axis=2, dtype=jnp.int32) - 1  # of the k-th right stop (-1: none)
+    nswap = jnp.sum(lpos < rpos, axis=1, dtype=jnp.int32)
+    swapped = nswap[:, None]
+    src = jnp.where(ge & (cl <= swapped), _gather(rpos, jnp.maximum(cl - 1, 0)),
+                    jnp.where(le & (cr <= swapped), _gather(lpos, jnp.maximum(cr - 1, 0)), slots))
+    still = ~active[:, None]
+    key = jnp.where(still, key, _gather(key1, src))
+    idx = jnp.where(still, idx, _gather(idx1, src))
+    cut = jnp.minimum(_gather(lpos, jnp.minimum(nswap, m - 1)),
+                      jnp.where(nswap > 0, _gather(rpos, jnp.maximum(nswap - 1, 0)), m))
+    return key, idx, jnp.where(active & (cut <= nth), cut, first), jnp.where(active & (cut > nth), cut, last)
+
+
+def _put(a, pos, val, on):
+    """a with a[g, pos[g]] = val[g] where on[g] (int32 a [G, M]; pos, val, on [G])."""
+    slots = jnp.arange(a.shape[1], dtype=jnp.int32)[None]
+    return jnp.where(on[:, None] & (slots == pos[:, None]), val[:, None], a)
+
+
+def _adjust_heap(key, idx, first, ln, hole, value, on, depth: int):
+    """libstdc++'s __adjust_heap(first, hole, ln, value), then its __push_heap, on every group
+    where `on` (a max-heap of keys in slots [first, first + ln); per-group [G] first, ln, hole;
+    value = (key, idx) [G] each). Loop-free: both walks run `depth` masked steps (static), enough
+    for a heap of fewer than 2**depth entries."""
+    top, child = hole, hole
+    for _ in range(depth):  # while child < (ln - 1) / 2: the hole moves to its larger child
+        go = on & (child < (ln - 1) // 2)
+        second = 2 * (child + 1)
+        second = jnp.where(_gather(key, first + second) < _gather(key, first + second - 1), second - 1, second)
+        key = _put(key, first + hole, _gather(key, first + second), go)
+        idx = _put(idx, first + hole, _gather(idx, first + second), go)
+        hole, child = jnp.where(go, second, hole), jnp.where(go, second, child)
+    odd = on & ((ln & 1) == 0) & (child == (ln - 2) // 2)  # a last parent with a single child
+    key = _put(key, first + hole, _gather(key, first + 2 * child + 1), odd)
+    idx = _put(idx, first + hole, _gather(idx, first + 2 * child + 1), odd)
+    hole = jnp.where(odd, 2 * child + 1, hole)
+    for _ in range(depth):  # __push_heap: while hole > top and heap[parent] < value, move up
+        parent = jnp.maximum(hole - 1, 0) // 2
+        go = on & (hole > top) & (_gather(key, first + parent) < value[0])
+        key = _put(key, first + hole, _gather(key, first + parent), go)
+        idx = _put(idx, first + hole, _gather(idx, first + parent), go)
+        hole = jnp.where(go, parent, hole)
+    return _put(key, first + hole, value[0], on), _put(idx, first + hole, value[1], on)
+
+
+def _heap_select(key, idx, first, last, mid: int, on):
+    """libstdc++'s __heap_select(first, mid, last) on every group where `on` (`mid` static, the
+    same for all groups; per-group [G] first, last): __make_heap on [first, mid), then every
+    entry of [mid, last) below the heap's top replaces it (__pop_heap). Returns the new idx.
+
+    Two fori_loops over static bounds, carrying (key, idx): `key`, `idx`, `first`, `last` and
+    `on` all come from the partition loop on the group keys, so they share one type (e.g.
+    varying across a user's shard_map axis) and the carry keeps the type the bodies return."""
+    m = key.shape[1]
+    ln = mid - first  # <= mid: the heap has fewer than 2**depth entries
+    depth = mid.bit_length()
+
+    def make(j, kv):  # __make_heap: parents (ln - 2) // 2 down to 0 (none when ln < 2)
+        key, idx = kv
+        parent = (ln - 2) // 2 - j
+        go = on & (ln >= 2) & (parent >= 0)
+        p = jnp.maximum(parent, 0)
+        return _adjust_heap(key, idx, first, ln, p, (_gather(key, first + p), _gather(idx, first + p)), go, depth)
+
+    def scan(i, kv):  # slot i in [mid, last): pop the top if key[i] < top
+        key, idx = kv
+        at_i = jnp.full_like(first, i)
+        go = on & (i < last) & (_gather(key, at_i) < _gather(key, first))
+        value = (_gather(key, at_i), _gather(idx, at_i))
+        key = _put(key, at_i, _gather(key, first), go)
+        idx = _put(idx, at_i, _gather(idx, first), go)
+        return _adjust_heap(key, idx, first, ln, jnp.zeros_like(first), value, go, depth)
+
+    kv = jax.lax.fori_loop(0, mid // 2, make, (key, idx))
+    return jax.lax.fori_loop(mid, m, scan, kv)[1]
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _topk_smallest(key, k: int):
+    """Which `k` entries of each group `torch.topk(group, k, largest=False)` returns on CPU.
+
+    `key` [G, M]: sortable keys, one group per row (M <= 16); `k`: static, 1..M-1. Returns a bool
+    [G, M]. torch copies each group into a vector of (value, index) pairs and calls libstdc++'s
+    `std::nth_element(begin, begin + k - 1, end)`; its first k pairs are the answer. This replays
+    that on all groups at once: introselect's partitions (a fixed number of vectorised steps in a
+    fori_loop), then the stable insertion sort of the <= 3 entries left or, where the depth limit
+    2 floor(log2 M) runs out first (possible for M >= 10, rare), libstdc++'s heap selection.
+
+    Every loop carry starts from values built from `key`: inside a user's shard_map the body's
+    results vary across the mesh axis like `key`, and a carry started from constants (an
+    arange, zeros) would not, a type error (issue #21's first attempt)."""
+    g, m = key.shape
+    slots = jnp.arange(m, dtype=jnp.int32)[None]
+    # the initial idx, first and last are built from key (zeros_like keeps its type, e.g. varying
+    # across a user's shard_map axis), so they have the type the loop body returns
+    idx = jnp.zeros_like(key) + slots
+    first = jnp.zeros_like(key[:, 0])
+    last = first + m
+    steps = min(2 * (m.bit_length() - 1), max(m - 3, 0))  # each partition narrows [first, last) by >= 1
+    key, idx, first, last = jax.lax.fori_loop(0, steps, lambda _, s: _partition(*s, k - 1), (key, idx, first, last))
+    # insertion sort of [first, last), a stable sort: the entry in slot p lands at first + its rank there
+    inside = (slots >= first[:, None]) & (slots < last[:, None])
+    before = (key[:, None, :] < key[:, :, None]) | ((key[:, None, :] == key[:, :, None]) & (slots[:, None] < slots[..., None]))
+    rank = jnp.sum(before & inside[:, None, :], axis=2, dtype=jnp.int32)
+    chosen = (slots < first[:, None]) | (inside & (first[:, None] + rank < k))
+    if steps < m - 3:  # the depth limit may run out: __heap_select(first, begin + k, last) there
+        heap = last - first > 3
+        heaped = jax.lax.cond(jnp.any(heap), lambda key, idx: _heap_select(key, idx, first, last, k, heap),
+                              lambda key, idx: idx, key, idx)
+        idx = jnp.where(heap[:, None], heaped, idx)
+        chosen = jnp.where(heap[:, None], slots < k, chosen)
+    return jnp.any((idx[:, :, None] == slots[:, None]) & chosen[:, :, None], axis=1)
+
+
+def nm_keep(scores, n: int, axis: int = 0):
+    """Bool mask keeping `n` of the M entries along `axis` (M = its length, `n` a static int in
+    1..M-1): for M <= 16 the complement of the M - n entries `torch.topk(group, M - n,
+    largest=False)` picks on CPU, ties included (values compared as float32); for larger M,
+    `keep_top`'s rule (ties: the lower index is pruned). See the module docstring."""
+    m = jnp.shape(scores)[axis]
+    if m > TORCH_TIES_MAX_M:
+        return keep_top(scores, n, axis=axis)
+    if jnp.size(scores) == 0:
+        return jnp.ones(jnp.shape(scores), bool)
+    s = jnp.moveaxis(jnp.asarray(scores), axis, -1)
+    pruned = _topk_smallest(_torch_key(s).reshape(-1, m), m - n).reshape(s.shape)
+    return jnp.moveaxis(~pruned, -1, axis)
+
+
 def n_pruned(n: int, sparsity: float) -> int:
     """How many of `n` entries a group at `sparsity` prunes (the reference's int(n * s))."""
     return int(n * sparsity)
@@ -174,14 +373,15 @@ def select_count(scores, n_prune, nm=None, scope: str = "row"):
 
 
 def nm_mask(scores, n: int, m: int):
-    """Keep the N largest of every M consecutive inputs (axis 0) of each output."""
+    """Keep the N largest of every M consecutive inputs (axis 0) of each output; among equal scores
+    the M - N pruned are those the reference's `torch.topk` prunes (see the module docstring)."""
     n, m = parse_pattern((n, m))
     scores = check_scores(scores, 1)
     n_in = scores.shape[0]
     if n_in % m:
         raise InvalidArgumentError(f"N:M pattern {n}:{m}: M={m} does not divide the input size {n_in}")
     grouped = scores.reshape(n_in // m, m, *scores.shape[1:])
-    return keep_top(grouped, n, axis=1).reshape(scores.shape)
+    return nm_keep(grouped, n, axis=1).reshape(scores.shape)
 
 
 def select(scores, sparsity: float, pattern=None, scope: str = "row"):

@@ -11,7 +11,9 @@ the group is reached); the OBS error propagated within and after each block.
 Blocks run in `lax.fori_loop` and columns in an inner `lax.fori_loop`, so compile
 time does not grow with the width. Where the reference keeps exactly the entries
 above a threshold (and so prunes extra entries on ties), we prune exactly
-`int(block_size * sparsity)` per block with deterministic tie-breaking.
+`int(block_size * sparsity)` per block with deterministic tie-breaking (the lower
+index first). N:M groups prune what the reference's `torch.topk(group, M - N,
+largest=False)` prunes, ties included (`masks.nm_keep`), as magnitude and Wanda do.
 
 Example:
     >>> import jax, jax.numpy as jnp
@@ -29,7 +31,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from jaxprune.sparsity.masks import keep_top
+from jaxprune.sparsity.masks import keep_top, nm_keep
 
 
 def hessian(x):
@@ -114,7 +116,7 @@ def solve(kernel, H, k_full, k_last, nm=None, blocksize: int = 128, percdamp: fl
                 def choose(M1):
                     g = jax.lax.dynamic_slice(W1, (i, 0), (m, rows)) ** 2 / \
                         jax.lax.dynamic_slice(d1, (i,), (m,))[:, None] ** 2
-                    return jax.lax.dynamic_update_slice(M1, ~keep_top(g, n, axis=0), (i, 0))
+                    return jax.lax.dynamic_update_slice(M1, ~nm_keep(g, n, axis=0), (i, 0))
 
                 M1 = jax.lax.cond(i % m == 0, choose, lambda M: M, M1)
             w = jax.lax.dynamic_slice_in_dim(W1, i, 1, axis=0)[0]
