@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings, strategies as st
 from hypothesis.extra.numpy import arrays
 
@@ -13,7 +14,7 @@ from jaxprune.sparsity import masks as M
 
 
 def np_keep_top(scores, keep, axis):
-    """Keep the `keep` largest along axis; ties prune the lower index first."""
+    """Keep the `keep` largest along axis; ties prune the lower index first (unstructured rule)."""
     s = np.moveaxis(scores, axis, -1)
     out = np.zeros(s.shape, bool)
     for idx in np.ndindex(s.shape[:-1]):
@@ -21,6 +22,15 @@ def np_keep_top(scores, keep, axis):
         order = sorted(range(len(row)), key=lambda j: (-row[j], -j))
         out[idx][order[:keep]] = True
     return np.moveaxis(out, -1, axis)
+
+
+def torch_nm_keep(scores, n, m):
+    """Keep n of every m along axis 0: prune what the reference's torch.topk(group, m - n,
+    largest=False) prunes (its CPU choice among ties; see tests/test_nm_ties.py)."""
+    groups = torch.from_numpy(np.ascontiguousarray(np.moveaxis(scores.reshape(-1, m, *scores.shape[1:]), 1, -1)))
+    pruned = torch.zeros(groups.shape, dtype=torch.bool)
+    pruned.scatter_(-1, torch.topk(groups.float(), m - n, dim=-1, largest=False)[1], True)
+    return np.moveaxis(~pruned.numpy(), -1, 1).reshape(scores.shape)
 
 
 scores_2d = st.tuples(st.integers(1, 12), st.integers(1, 6)).flatmap(
@@ -53,8 +63,7 @@ def test_nm_keeps_exactly_n_in_every_group(nm, groups, n_out, data):
     got = np.asarray(M.nm_mask(jnp.asarray(scores), n, m))
     g = got.reshape(groups, m, n_out)
     assert (g.sum(axis=1) == n).all()
-    ref = np_keep_top(scores.reshape(groups, m, n_out), n, 1).reshape(scores.shape)
-    np.testing.assert_array_equal(got, ref)
+    np.testing.assert_array_equal(got, torch_nm_keep(scores, n, m))
 
 
 def test_global_selection_across_tensors():
