@@ -448,7 +448,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if getattr(args, "coordinator", None) or os.environ.get("JAXPRUNE_COORDINATOR"):
-            from jaxprune.parallel.distributed import initialize
+            from jaxprune.parallel.multihost import initialize
             initialize(getattr(args, "coordinator", None), getattr(args, "num_processes", None),
                        getattr(args, "process_id", None))
         return args.func(args)

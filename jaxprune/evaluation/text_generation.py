@@ -24,7 +24,6 @@ from jaxprune.generation.engine import compile_decode, pad_prompts, stop_array
 from jaxprune.generation.sampling import Sampler
 
 _GREEDY = Sampler()
-_UNUSED_KEY = jax.random.key(0)   # greedy decoding draws nothing
 
 
 def generate_ids(params: Params, prompts, max_new_tokens: int, stop_token_ids=(), stop_fn=None,
@@ -63,6 +62,7 @@ def generate_ids(params: Params, prompts, max_new_tokens: int, stop_token_ids=()
     stops = set(_ids(stop_token_ids))
     stop_arr = stop_array(sorted(stops))
     n = max_new if stop_fn is None else min(int(chunk or 32), max_new)
+    key = jax.random.key(0)   # greedy decoding draws nothing from it
     out: list[list[int]] = [[] for _ in ctxs]
     seconds = 0.0
     order = sorted(range(len(ctxs)), key=lambda i: -len(ctxs[i]))
@@ -73,7 +73,7 @@ def generate_ids(params: Params, prompts, max_new_tokens: int, stop_token_ids=()
         while not all(done.values()):
             seqs = [(ctxs[i] + out[i])[-(L - n):] for i in batch]
             tokens, lengths = pad_prompts(params, seqs, n, rows=batch_size)
-            run = compile_decode(params, tokens, lengths, gates, stop_arr, _UNUSED_KEY, _GREEDY, n)
+            run = compile_decode(params, tokens, lengths, gates, stop_arr, key, _GREEDY, n)
             t0 = time.perf_counter()
             new = jax.device_get(run())
             seconds += time.perf_counter() - t0

@@ -6,10 +6,8 @@ from jaxprune.parallel.distributed import (
     batch_sharding,
     data_parallel_stats,
     gather,
-    initialize,
     is_sharded,
     like,
-    load_sharded,
     local_batch,
     make_mesh,
     mesh_of,
@@ -20,3 +18,5 @@ from jaxprune.parallel.distributed import (
     shard_params,
     spec_for,
 )
+from jaxprune.parallel.loading import load_sharded
+from jaxprune.parallel.multihost import ENV, initialize

@@ -1,4 +1,5 @@
-"""Meshes, sharded params and batches, data-parallel statistics, multi-host start-up.
+"""Meshes, sharded params and batches, data-parallel statistics (loading onto a mesh is
+`jaxprune.parallel.loading`, multi-host start-up `jaxprune.parallel.multihost`).
 
 jaxprune scales with JAX's own runtime: a `jax.sharding.Mesh` with axes
 ``("data", "model")``, params placed by `param_shardings` (tensor-parallel over
@@ -32,7 +33,6 @@ Example (8 CPU devices: ``XLA_FLAGS=--xla_force_host_platform_device_count=8``):
 
 from __future__ import annotations
 
-import os
 
 import jax
 import numpy as np
@@ -44,8 +44,6 @@ from jaxprune.core.params import Params
 from jaxprune.models.layout import layout_of
 
 DATA, MODEL = "data", "model"
-ENV = {"coordinator": "JAXPRUNE_COORDINATOR", "num_processes": "JAXPRUNE_NUM_PROCESSES",
-       "process_id": "JAXPRUNE_PROCESS_ID"}
 
 
 def make_mesh(data: int | None = None, model: int = 1, devices=None) -> Mesh:
@@ -168,87 +166,21 @@ def gather(tree):
     return jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)), tree)
 
 
-class _LazyTensor:
-    """A checkpoint tensor not read yet: a memory-mapped HF array, transposed on read for kernels."""
-
-    def __init__(self, array, transpose: bool):
-        self.array, self.transpose = array, transpose
-        self.shape = tuple(np.shape(array))[::-1] if transpose else tuple(np.shape(array))
-
-    def read(self, index, dtype):
-        a = self.array.T if self.transpose else self.array
-        return np.ascontiguousarray(a[index], dtype=dtype or a.dtype)
-
-
-def load_sharded(directory: str, mesh: Mesh, dtype=np.float32, on_read=None) -> Params:
-    """Load a Hugging Face checkpoint directory straight onto `mesh` by the tensor-parallel rules.
-
-    Each process reads (memory-mapped) only the slices its own devices hold
-    (`jax.make_array_from_callback`), so in a multi-host run no process loads the whole
-    model. `on_read(path, index, nbytes)` is called for every slice read (once per device). `dtype=None` keeps the
-    stored dtype.
-    """
-    from jaxprune.io.hf import open_weights, read_config, validate_tree
-    from jaxprune.io.names import build_tree
-    config = read_config(directory)
-    named = open_weights(directory)
-    if config.tie_word_embeddings:
-        named = {k: v for k, v in named.items() if not k.startswith("lm_head.")}
-    validate_tree(config, build_tree(named, config.arch, lambda a, t: tuple(np.shape(a))[::-1 if t else 1]),
-                  directory)
-    lazy = Params(config, build_tree(named, config.arch, _LazyTensor))
-    model_size = mesh.shape.get(MODEL, 1)
-
-    def place(keypath, t: _LazyTensor):
-        path = plain_path(keypath)
-        sharding = NamedSharding(mesh, spec_for(path, t.shape, config, model_size))
-
-        def read(index):
-            out = t.read(index, dtype)
-            if on_read is not None:
-                on_read(path, index, out.nbytes)
-            return out
-        return jax.make_array_from_callback(t.shape, sharding, read)
-
-    return jax.tree_util.tree_map_with_path(place, lazy, is_leaf=lambda x: isinstance(x, _LazyTensor))
-
-
-def initialize(coordinator: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None, cpu_collectives: str = "gloo") -> bool:
-    """Start JAX's multi-process runtime (`jax.distributed.initialize`), if asked.
-
-    Arguments default to the environment: ``JAXPRUNE_COORDINATOR`` (host:port of process 0),
-    ``JAXPRUNE_NUM_PROCESSES``, ``JAXPRUNE_PROCESS_ID``. With no coordinator and no
-    environment this is a no-op (returns False), so single-machine runs are unchanged; on
-    managed clusters (TPU pods, SLURM) pass ``coordinator="auto"`` to let JAX detect them.
-    On CPU, cross-process collectives use `cpu_collectives` (gloo). Call before any other
-    JAX work.
-    """
-    coordinator = coordinator or os.environ.get(ENV["coordinator"])
-    if not coordinator:
-        return False
-    if num_processes is None and os.environ.get(ENV["num_processes"]):
-        num_processes = int(os.environ[ENV["num_processes"]])
-    if process_id is None and os.environ.get(ENV["process_id"]):
-        process_id = int(os.environ[ENV["process_id"]])
-    if coordinator != "auto" and (num_processes is None or process_id is None):
-        raise InvalidArgumentError(f"multi-host start-up needs the number of processes and this process's id "
-                                   f"(--num-processes/--process-id or {ENV['num_processes']}/{ENV['process_id']})")
-    if coordinator != "auto" and not 0 <= process_id < num_processes:
-        raise InvalidArgumentError(f"process id {process_id} is outside [0, {num_processes})")
-    jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
-    if coordinator == "auto":
-        jax.distributed.initialize()
-    else:
-        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
-                                   process_id=process_id)
-    return True
-
-
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-__all__ = ["DATA", "MODEL", "batch_sharding", "data_parallel_stats", "gather", "initialize", "is_sharded",
-           "like", "load_sharded", "local_batch", "make_mesh", "mesh_of", "param_shardings", "param_specs", "replicated",
+__all__ = ["DATA", "MODEL", "batch_sharding", "data_parallel_stats", "gather", "is_sharded",
+           "like", "local_batch", "make_mesh", "mesh_of", "param_shardings", "param_specs", "replicated",
            "shard_batch", "shard_params", "spec_for"]
+
+
+def __getattr__(name):
+    # Loading and start-up have their own modules; these names stay reachable from here.
+    if name in ("load_sharded", "LazyTensor"):
+        from jaxprune.parallel import loading
+        return getattr(loading, name)
+    if name in ("initialize", "ENV"):
+        from jaxprune.parallel import multihost
+        return getattr(multihost, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
