@@ -17,13 +17,9 @@ scoring (`jaxprune.evaluation.scoring`: `encode_pair`, `score_pairs`, `loglikeli
 engine `jaxprune.generation`).
 
 Example:
-    >>> import jax, jaxprune as jp
-    >>> cfg = jp.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
-    ...                      num_hidden_layers=1, num_attention_heads=2)
-    >>> params = jp.init(cfg, jax.random.key(0))
-    >>> logprob, greedy = score_pairs(params, [([1, 2, 3], [4, 5]), ([7], [8])])
-    >>> logprob.shape, greedy.dtype
-    ((2,), dtype('bool'))
+    >>> from jaxprune.evaluation import harness
+    >>> callable(harness.register_with_lm_eval) and callable(harness.score_pairs)
+    True
 """
 
 from __future__ import annotations

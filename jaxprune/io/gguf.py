@@ -25,14 +25,24 @@ import numpy as np
 from jaxprune.models.config import LlamaConfig, freeze
 from jaxprune.errors import CheckpointError, UnsupportedModelError
 from jaxprune.core.params import Params
+from jaxprune.models.layout import layout_of
 
-_LAYER_NAMES = {
-    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
-_GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+def gguf_names(arch: str = "llama") -> tuple[dict, dict]:
+    """(name inside ``blk.N`` -> HF module path in a layer, top-level GGUF name -> HF module name),
+    read from the family's `Layout` (its linears' and norms' `gguf` names and `gguf_top`).
+
+    Example:
+        >>> layer, top = gguf_names()
+        >>> layer["attn_q"], layer["ffn_norm"], top["token_embd"]
+        ('self_attn.q_proj', 'post_attention_layernorm', 'model.embed_tokens')
+    """
+    from jaxprune.io.names import path_to_hf
+    lay = layout_of(arch)
+    layer = {x.gguf: ".".join(x.path) for x in lay.linears + lay.norms if x.gguf}
+    leaf = {k: ("embedding" if roles[0] == "vocab" else "kernel" if len(roles) == 2 else "scale")
+            for k, roles in lay.top.items()}
+    top = {g: path_to_hf((k, leaf[k]), arch).rsplit(".", 1)[0] for g, k in lay.gguf_top.items()}
+    return layer, top
 
 
 def _reader(path: str):
@@ -52,13 +62,14 @@ def _field(reader, key, default=None):
 
 def hf_name(gguf_name: str) -> str | None:
     """Hugging Face tensor name for a llama.cpp tensor name (None if not a weight we keep)."""
+    layer_names, top_names = gguf_names()
     m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", gguf_name)
     if m:
-        sub = _LAYER_NAMES.get(m.group(2))
+        sub = layer_names.get(m.group(2))
         return f"model.layers.{m.group(1)}.{sub}.{m.group(3)}" if sub else None
     m = re.fullmatch(r"(\w+)\.(weight|bias)", gguf_name)
-    if m and m.group(1) in _GLOBAL_NAMES:
-        return f"{_GLOBAL_NAMES[m.group(1)]}.{m.group(2)}"
+    if m and m.group(1) in top_names:
+        return f"{top_names[m.group(1)]}.{m.group(2)}"
     return None
 
 
