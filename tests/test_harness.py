@@ -187,6 +187,24 @@ def test_generate_until_stops_at_the_stop_string():
     assert out[3] == " abcde!x abc"                                    # 12 tokens along the chain
 
 
+def test_generate_until_decodes_through_the_engine(monkeypatch):
+    """lm-eval's generate_until runs the KV-cached engine's compiled loop (and nothing else decodes)."""
+    from jaxprune.evaluation import text_generation
+    from jaxprune.generation import engine
+    calls = []
+    real = engine.compile_decode
+
+    def counting(*args, **kwargs):
+        calls.append(args[1].shape)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(text_generation, "compile_decode", counting)
+    params = successor_params({"x": " ", " ": "a", "a": "b", "b": "c", "c": "d"})
+    out = harness.JaxpruneLM(params, ByteTok(), batch_size=2).generate_until(
+        [req("generate_until", "the x", {"until": ["d"], "max_gen_toks": 20})])
+    assert out == [" abc"] and calls
+
+
 def test_generation_matches_independent_greedy_decoding(hf):
     model, params, _ = hf
     tok = ByteTok()
