@@ -1,4 +1,4 @@
-"""Text windows, bundled public-domain texts, tokenizers."""
+"""Text windows, bundled public-domain texts, tokenizers, generated math word problems."""
 
 from jaxprune.data.text import (
     BUNDLED_TEXTS,
@@ -14,4 +14,13 @@ from jaxprune.data.tokenization import (
     Tokenizer,
     from_gguf,
     from_directory,
+)
+from jaxprune.data.math_problems import (
+    HELD_OUT_TEMPLATES,
+    PRUNING_TEMPLATES,
+    TEMPLATES,
+    Problem,
+    problems,
+    reasoning_prompt,
+    worked_example,
 )
