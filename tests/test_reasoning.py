@@ -322,3 +322,14 @@ def test_minilm_embedder_real():
     # a paraphrase is far closer than an unrelated sentence
     sim = x[1:] @ x[0]
     assert sim[0] > 0.5 > 0.3 > sim[1]
+
+
+def test_until_cuts_each_generation_before_the_stop_string(byte_params):
+    plain = make_utility(max_new_tokens=12)
+    texts = plain.generate(byte_params)
+    cut_at = next(c for t in texts for c in t if c.isprintable() and c != " ")   # a character that occurs
+    cut = make_utility(max_new_tokens=12, until=(cut_at,)).generate(byte_params)
+    assert cut == [t.split(cut_at)[0] for t in texts]
+    assert any(len(c) < len(t) for c, t in zip(cut, texts))
+    with pytest.raises(jp.InvalidArgumentError):
+        make_utility(until=("",))

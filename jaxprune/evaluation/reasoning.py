@@ -70,6 +70,9 @@ class ReasoningUtility:
       weights: (a1, a2, a3), non-negative, summing to 1.
       max_new_tokens: tokens generated per prompt.
       batch_size: default number of sub-models decoded at once (None: all).
+      until: strings before whose first occurrence each generation is cut (e.g. the
+        ``"Question:"`` a few-shot model starts the next example with), as lm-eval's
+        `generate_until` cuts; so the final number scored is the answer's, not the next example's.
 
     Example:
         >>> import jax, jax.numpy as jnp, jaxprune as jp
@@ -90,7 +93,7 @@ class ReasoningUtility:
 
     def __init__(self, tokenizer, prompts: list[str], references: list[str], embed_fn=None,
                  weights=(1 / 3, 1 / 3, 1 / 3), max_new_tokens: int = 32, batch_size: int | None = None,
-                 stop_token_ids=None):
+                 stop_token_ids=None, until=()):
         if isinstance(prompts, str) or isinstance(references, str):
             raise InvalidArgumentError("prompts and references must be lists of strings, not one string")
         prompts, references = list(prompts), list(references)
@@ -113,12 +116,20 @@ class ReasoningUtility:
         for p, ids in zip(prompts, self.prompt_ids):
             if not ids:
                 raise InvalidArgumentError(f"prompt {p!r} tokenizes to no tokens")
+        if isinstance(until, str):
+            until = (until,)
+        if not all(isinstance(u, str) and u for u in until):
+            raise InvalidArgumentError(f"until must be non-empty strings, got {until!r}")
+        self.until = tuple(until)
         self._ref_embeddings = None
 
     # -- generation ----------------------------------------------------------------
 
     def _decode(self, ids) -> str:
-        return self.tokenizer.decode(trim(ids, self.stop_token_ids))
+        text = self.tokenizer.decode(trim(ids, self.stop_token_ids))
+        for u in self.until:
+            text = text.split(u)[0]
+        return text
 
     def generate(self, params: Params, gates=None) -> list[str]:
         """Greedy answer text to every prompt under one (gated) model."""
