@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import jaxprune as jp
-from jaxprune.parallel import distributed
+from jaxprune.parallel import distributed, multihost
 
 HERE = os.path.dirname(__file__)
 ROOT = os.path.dirname(HERE)
@@ -84,18 +84,18 @@ def test_two_processes_match_one(tmp_path):
 
 
 def test_initialize_is_a_no_op_without_a_coordinator(monkeypatch):
-    for v in distributed.ENV.values():
+    for v in multihost.ENV.values():
         monkeypatch.delenv(v, raising=False)
-    assert distributed.initialize() is False
+    assert multihost.initialize() is False
 
 
 def test_initialize_rejects_incomplete_settings(monkeypatch):
     monkeypatch.setenv("JAXPRUNE_COORDINATOR", "localhost:1")
     monkeypatch.delenv("JAXPRUNE_NUM_PROCESSES", raising=False)
     with pytest.raises(jp.InvalidArgumentError, match="number of processes"):
-        distributed.initialize()
+        multihost.initialize()
     with pytest.raises(jp.InvalidArgumentError, match="outside"):
-        distributed.initialize(num_processes=2, process_id=2)
+        multihost.initialize(num_processes=2, process_id=2)
 
 
 def test_mesh_shape_errors():

@@ -173,14 +173,3 @@ def replicated(mesh: Mesh) -> NamedSharding:
 __all__ = ["DATA", "MODEL", "batch_sharding", "data_parallel_stats", "gather", "is_sharded",
            "like", "local_batch", "make_mesh", "mesh_of", "param_shardings", "param_specs", "replicated",
            "shard_batch", "shard_params", "spec_for"]
-
-
-def __getattr__(name):
-    # Loading and start-up have their own modules; these names stay reachable from here.
-    if name in ("load_sharded", "LazyTensor"):
-        from jaxprune.parallel import loading
-        return getattr(loading, name)
-    if name in ("initialize", "ENV"):
-        from jaxprune.parallel import multihost
-        return getattr(multihost, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -19,8 +19,8 @@ if __name__ == "__main__":
     os.environ.setdefault("JAXPRUNE_PROGRESS", "0")
     checkpoint, out = sys.argv[1], sys.argv[2]
 
-    from jaxprune.parallel import distributed
-    assert distributed.initialize() == multi   # reads JAXPRUNE_COORDINATOR / _NUM_PROCESSES / _PROCESS_ID
+    from jaxprune.parallel import distributed, loading, multihost
+    assert multihost.initialize() == multi   # reads JAXPRUNE_COORDINATOR / _NUM_PROCESSES / _PROCESS_ID
 
     import jax
     import numpy as np
@@ -30,7 +30,7 @@ if __name__ == "__main__":
     # [[p0d0, p1d0], [p0d1, p1d1]] with two processes: "model" spans processes, "data" stays within
     mesh = distributed.make_mesh(data=2, model=2, devices=np.asarray(devices).reshape(2, 2).T.ravel())
     read = {}   # distinct slices this process read: (path, index) -> bytes
-    params = distributed.load_sharded(checkpoint, mesh,
+    params = loading.load_sharded(checkpoint, mesh,
                                       on_read=lambda path, index, n: read.__setitem__((path, str(index)), n))
     cfg = params.config
     calib = np.random.default_rng(0).integers(0, cfg.vocab_size, (8, 32))   # the same on every process
