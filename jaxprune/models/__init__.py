@@ -24,6 +24,7 @@ from jaxprune.errors import InvalidArgumentError
 from jaxprune.core.params import Params
 from jaxprune.models import gates as gates_lib
 from jaxprune.models import gemma, llama, mistral, opt, qwen
+from jaxprune.models.stacking import is_stacked, layer_tree, num_layers, scan_layers, stack_layers, unstack_layers
 from jaxprune.models.layout import Layout, Linear, Norm, layout_of
 
 # arch -> module with embed, layer, unembed, shapes, per_layer_dims, layer_dims
@@ -82,7 +83,7 @@ def layer(params: Params, i: int, x, ctx, gates=None, cache=None):
     kw = {} if layer_type(cfg, i) is None else {"layer_type": layer_type(cfg, i)}
     if cache is not None:
         kw["cache"] = cache
-    return family(cfg).layer(cfg, params.tree["layers"][i], x, ctx, gates_lib.layer_gates(gates, i),
+    return family(cfg).layer(cfg, layer_tree(params, i), x, ctx, gates_lib.layer_gates(gates, i),
                              kv_groups(cfg, i), **kw)
 
 
@@ -104,8 +105,20 @@ def unembed(params: Params, x, gates=None):
 
 
 def hidden_states(params: Params, tokens, gates=None):
-    """The residual stream after the last layer, before the final norm."""
+    """The residual stream after the last layer, before the final norm.
+
+    Stacked layers (`stack_layers`) run under `jax.lax.scan`; a list of layers runs as a Python loop.
+    """
     x, ctx = embed(params, tokens, gates)
+    if is_stacked(params):
+        cfg, fam = params.config, family(params.config)
+        kg = kv_groups(cfg, 0)   # stack_layers checked that every layer has the same
+
+        def apply(lp, h, g, kind):
+            return fam.layer(cfg, lp, h, ctx, g, kg, **({} if kind is None else {"layer_type": kind}))
+
+        types = [layer_type(cfg, i) for i in range(num_layers(params))]
+        return scan_layers(params.tree["layers"], x, gates, types, apply)
     for i in range(len(params.tree["layers"])):
         x = layer(params, i, x, ctx, gates)
     return x
@@ -125,7 +138,8 @@ def forward(params: Params, tokens, gates=None):
     Pure and jit-compiled; `gates` (see `jaxprune.models.gates`) switch heads,
     K/V groups, FFN channels, hidden dims, sublayers or layers off, defaulting to
     keeping everything. `jax.vmap(lambda g: forward(params, tokens, g))(batched_gates)`
-    evaluates many sub-models at once. Inside your own `jit`, it is traced inline.
+    evaluates many sub-models at once. Inside your own `jit`, it is traced inline. Params whose
+    layers are stacked (`stack_layers`) run under `jax.lax.scan`: one compilation for any depth.
 
     Example:
         >>> import jaxprune as jp, jax.numpy as jnp
