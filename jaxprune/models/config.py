@@ -97,6 +97,17 @@ def rope_to_hf(theta: float, rope: dict | None) -> dict:
     return {"rope_type": "default", **(rope or {}), "rope_theta": theta}
 
 
+class LayerTypes:
+    """For configs with a `layer_types` tuple and one `sliding_window` (Gemma 2/3, Qwen2/3): layer i's
+    type is ``layer_types[i]``, and ``"sliding_attention"`` layers see `sliding_window` keys."""
+
+    def layer_type(self, i: int) -> str:
+        return self.layer_types[i]
+
+    def window_for(self, layer_type: str) -> int | None:
+        return self.sliding_window if layer_type == "sliding_attention" else None
+
+
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
     """Llama-family decoder (Llama 1/2/3, SmolLM, Mistral-without-sliding-window).

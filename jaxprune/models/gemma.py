@@ -31,13 +31,13 @@ import dataclasses
 import math
 from typing import Any
 
-from jaxprune.models.config import LlamaConfig, check_layer_types, freeze, register_config, rope_from_hf, rope_to_hf
+from jaxprune.models.config import LayerTypes, LlamaConfig, check_layer_types, freeze, register_config, rope_from_hf, rope_to_hf
 from jaxprune.errors import UnsupportedModelError
 from jaxprune.models.llama import decoder_layout, embed, layer, layer_dims, per_layer_dims, shapes, unembed  # noqa: F401
 
 
 @dataclasses.dataclass(frozen=True)
-class Gemma2Config(LlamaConfig):
+class Gemma2Config(LayerTypes, LlamaConfig):
     """Gemma 2 decoder (`Gemma2ForCausalLM`). `mlp_bias` is unused (no MLP biases).
 
     query_pre_attn_scalar: queries are multiplied by its ``-0.5`` power.
@@ -98,12 +98,6 @@ class Gemma2Config(LlamaConfig):
     @property
     def embed_multiplier(self) -> float:
         return self.embed_scale
-
-    def layer_type(self, i: int) -> str:
-        return self.layer_types[i]
-
-    def window_for(self, layer_type: str) -> int | None:
-        return self.sliding_window if layer_type == "sliding_attention" else None
 
     @classmethod
     def _hf_kwargs(cls, d: dict[str, Any]) -> dict[str, Any]:

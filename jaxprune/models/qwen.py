@@ -22,12 +22,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from jaxprune.models.config import LlamaConfig, check_layer_types, register_config, rope_to_hf
+from jaxprune.models.config import LayerTypes, LlamaConfig, check_layer_types, register_config, rope_to_hf
 from jaxprune.models.llama import decoder_layout, embed, layer, layer_dims, per_layer_dims, shapes, unembed  # noqa: F401
 
 
 @dataclasses.dataclass(frozen=True)
-class Qwen2Config(LlamaConfig):
+class Qwen2Config(LayerTypes, LlamaConfig):
     """Qwen2 / Qwen2.5 decoder (`Qwen2ForCausalLM`). `attention_bias` and `mlp_bias` are unused
     (q/k/v always have biases, o_proj and the MLP never).
 
@@ -58,12 +58,6 @@ class Qwen2Config(LlamaConfig):
     @property
     def o_bias(self) -> bool:
         return False
-
-    def layer_type(self, i: int) -> str:
-        return self.layer_types[i]
-
-    def window_for(self, layer_type: str) -> int | None:
-        return self.sliding_window if layer_type == "sliding_attention" else None
 
     @classmethod
     def _hf_kwargs(cls, d: dict[str, Any]) -> dict[str, Any]:
@@ -102,13 +96,8 @@ class Qwen3Config(Qwen2Config):
     hf_defaults = {**Qwen2Config.hf_defaults, "head_dim": 128, "attention_bias": False}
     qk_norm = True
 
-    @property
-    def qkv_bias(self) -> bool:
-        return self.attention_bias
-
-    @property
-    def o_bias(self) -> bool:
-        return self.attention_bias
+    qkv_bias = LlamaConfig.qkv_bias   # Llama's rule again: `attention_bias` sets all four
+    o_bias = LlamaConfig.o_bias
 
     @classmethod
     def _hf_kwargs(cls, d: dict[str, Any]) -> dict[str, Any]:
