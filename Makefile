@@ -5,6 +5,9 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 BASE := $(VENV)/.base-installed
 TEST := $(VENV)/.test-installed
+# llama-cpp-python compiles llama.cpp from source: only the libraries its Python package loads.
+LLAMACPP_CMAKE_ARGS := -DLLAVA_BUILD=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF \
+	-DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_OPENSSL=OFF
 
 .PHONY: demo test bench clean
 
@@ -20,6 +23,8 @@ $(TEST): $(BASE)
 	# The local CPU build of torch first, so nothing pulls a CUDA build.
 	$(PIP) install torch==2.13.0
 	$(PIP) install -e ".[test,parity,eval]"
+	# llama.cpp for tests/test_llamacpp.py (built from source, see the README's test paragraph)
+	CMAKE_ARGS="$(LLAMACPP_CMAKE_ARGS)" $(PIP) install -e ".[llamacpp]"
 	touch $@
 
 # The main job: prune SmolLM2-135M with Wanda at 50% on the bundled text and print

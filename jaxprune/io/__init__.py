@@ -1,1 +1,1 @@
-"""Checkpoint I/O: HF safetensors directories, GGUF files, name resolution."""
+"""Checkpoint I/O: HF safetensors directories, GGUF files (in and out), name resolution."""

@@ -1,4 +1,6 @@
-"""`save`: write `Params` as a Hugging Face checkpoint directory that `transformers` loads.
+"""`save`: write `Params` as a Hugging Face checkpoint directory that `transformers` loads, or
+as a GGUF file that llama.cpp runs (a ``.gguf`` path or ``format="gguf"``; see
+`jaxprune.io.gguf_export`).
 
 config.json + model.safetensors (sharded with an index above `max_shard_bytes`),
 HF tensor names and `[out, in]` layout; masks (if given) beside it as
@@ -9,6 +11,7 @@ and an existing directory is only replaced with `overwrite=True`.
 Example:
     >>> jp.save(pruned, "out/smollm2-wanda50", masks=masks)      # doctest: +SKIP
     >>> jp.load("out/smollm2-wanda50")                           # doctest: +SKIP
+    >>> jp.save(small, "out/small.gguf", tokenizer=tok, dtype="float16")  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -109,14 +112,41 @@ def write_directory(path: str, write, overwrite: bool = False) -> str:
     return path
 
 
+FORMATS = ("hf", "gguf")
+
+
+def save_format(path, format: str | None) -> str:
+    """'hf' or 'gguf': `format` if given (checked), else 'gguf' for a ``.gguf`` path, else 'hf'."""
+    if format is None:
+        return "gguf" if os.fspath(path).lower().endswith(".gguf") else "hf"
+    if format not in FORMATS:
+        raise InvalidArgumentError(f"format must be one of {FORMATS} (or None: from the path), got {format!r}")
+    return format
+
+
 def save(params: Params, path: str, masks: Params | None = None, tokenizer=None, overwrite: bool = False,
-         max_shard_bytes: int = 2 * 2**30, extra_files: dict[str, str] | None = None) -> str:
-    """Write `params` (and optionally `masks`, a tokenizer, extra text files) to directory `path`.
+         max_shard_bytes: int = 2 * 2**30, extra_files: dict[str, str] | None = None, *,
+         format: str | None = None, dtype=None) -> str:
+    """Write `params` (and optionally `masks`, a tokenizer, extra text files) to directory `path`,
+    or to one GGUF file when `path` ends in ``.gguf`` or ``format="gguf"``.
 
     Masks are stored bit-packed in `masks.safetensors` (only tensors with pruned entries);
-    `jp.load_masks(path)` reads them back. Returns the path. Raises CheckpointError if `path`
-    exists (unless `overwrite`) or cannot be written.
+    `jp.load_masks(path)` reads them back. GGUF (`jaxprune.io.gguf_export.save_gguf`) holds no
+    masks or extra files; `dtype` ("float32", "float16", "bfloat16") sets its tensor type.
+    Returns the path. Raises CheckpointError if `path` exists (unless `overwrite`) or cannot be
+    written.
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise InvalidArgumentError(f"save: path must be a string or path, got {type(path).__name__}")
+    if save_format(path, format) == "gguf":
+        if masks is not None or extra_files:
+            raise InvalidArgumentError("a GGUF file holds no masks or extra files: apply the masks "
+                                       "(jp.apply_masks) and save masks with format='hf'")
+        from jaxprune.io.gguf_export import save_gguf
+        return save_gguf(params, path, tokenizer=tokenizer, dtype=dtype, overwrite=overwrite)
+    if dtype is not None:
+        raise InvalidArgumentError("dtype= applies to GGUF files (format='gguf'); a Hugging Face directory "
+                                   "keeps the params' dtype")
     if not isinstance(params, Params):
         raise InvalidArgumentError(f"save needs jaxprune Params, got {type(params).__name__}")
     if masks is not None:

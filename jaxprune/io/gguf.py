@@ -1,5 +1,10 @@
 """GGUF files of Llama-family models -> `Params` and a tokenizer.
 
+Architectures ``llama`` (one width for all layers) and ``deci`` (llama.cpp's per-layer head,
+K/V head and FFN-width arrays, 0 = sublayer absent; read into `LlamaConfig.layer_shapes`).
+Files jaxprune wrote (`jaxprune.io.gguf_export`) carry their exact config in `CONFIG_KEY`;
+reading undoes the placeholders the writer adds for llama.cpp's quirks (`gguf_layers`).
+
 Weights are dequantized in numpy with the `gguf` package. llama.cpp's converter
 permutes the rows of Q and K (interleaved rotary layout); we undo that so the
 weights match Hugging Face's rotate-half layout that our RoPE uses.
@@ -151,16 +156,16 @@ def llama3_rope_from_factors(factors, head_dim: int, theta: float, original_ctx:
                                 "(no factor / low_freq_factor / high_freq_factor / original context reproduces them)")
 
 
-def _rope_scaling(path: str, reader, head_dim: int, theta: float) -> dict | None:
+def _rope_scaling(path: str, reader, head_dim: int, theta: float, arch: str = "llama") -> dict | None:
     """HF-style rope_scaling of a GGUF: llama3 from `rope_freqs.weight`, linear from metadata."""
-    g = lambda k: _field(reader, f"llama.rope.scaling.{k}")
-    kind = g("type") or ("linear" if _field(reader, "llama.rope.scale_linear") else "none")
+    g = lambda k: _field(reader, f"{arch}.rope.scaling.{k}")
+    kind = g("type") or ("linear" if _field(reader, f"{arch}.rope.scale_linear") else "none")
     freqs = [t for t in reader.tensors if t.name == "rope_freqs.weight"]
     if kind not in ("none", "linear"):
         raise UnsupportedModelError(f"{path}: GGUF rope scaling type {kind!r} is not supported (none, linear, "
                                     "and llama3 as a rope_freqs tensor are)")
     if kind == "linear":
-        factor = float(g("factor") or _field(reader, "llama.rope.scale_linear") or 1.0)
+        factor = float(g("factor") or _field(reader, f"{arch}.rope.scale_linear") or 1.0)
         if freqs:
             raise UnsupportedModelError(f"{path}: GGUF has both linear rope scaling and rope_freqs; not supported")
         return {"rope_type": "linear", "factor": factor} if factor != 1.0 else None
@@ -178,42 +183,206 @@ def _rope_scaling(path: str, reader, head_dim: int, theta: float) -> dict | None
         raise UnsupportedModelError(f"{path}: {e}") from None
 
 
-def gguf_config(path: str, reader=None) -> LlamaConfig:
-    reader = reader or _reader(path)
-    arch = _field(reader, "general.architecture")
-    if arch != "llama":
-        raise UnsupportedModelError(f"{path}: GGUF architecture {arch!r} is not supported (jaxprune reads 'llama')")
-    g = lambda k, d=None: _field(reader, f"llama.{k}", d)
+def gguf_layers(config: LlamaConfig) -> list[dict]:
+    """Per layer, what a GGUF file written by jaxprune holds for `config`, working around three
+    quirks of llama.cpp's ``deci`` graph (llama-cpp-python 0.3.36) while keeping the outputs exact:
+
+    * A layer with ``feed_forward_length`` 0 skips to the next layer before taking its own output,
+      so an attention sublayer there would be dropped: every FFN-free layer gets an FFN of width 1
+      with all-zero weights (``ffn_placeholder``; it adds exactly 0).
+    * The head size is derived only when layer 0 has heads: when layer 0 has no attention but
+      another layer does, layer 0 gets 1 query / 1 K/V head with all-zero weights
+      (``attn_placeholder``; its zero ``o_proj`` adds exactly 0).
+    * Unequal K/V groups (``kv_groups``) cannot be written: K/V rows are repeated to one K/V head
+      per query head (``n_kv = n_heads``), which is exact. (``n_kv = 0 < n_heads`` would mean
+      deci's "linear attention", so it is never written.)
+
+    Each entry: the written ``n_heads``, ``n_kv``, ``ffn_dim``, the two placeholder flags and the
+    ``kv_groups`` that were expanded (None). `load_gguf` undoes all three for files that carry
+    `CONFIG_KEY`.
+
+    Example:
+        >>> cfg = LlamaConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=2,
+        ...                   num_attention_heads=2, layer_shapes=freeze([
+        ...                       {"n_heads": 0, "n_kv": 0, "ffn_dim": 8},
+        ...                       {"n_heads": 2, "n_kv": 2, "ffn_dim": 0}]))
+        >>> [(e["n_heads"], e["n_kv"], e["ffn_dim"]) for e in gguf_layers(cfg)]
+        [(1, 1, 8), (2, 2, 1)]
+    """
+    from jaxprune.models.llama import per_layer_dims
+    dims = per_layer_dims(config)
+    any_attention = any(d["n_heads"] for d in dims)
+    out = []
+    for i, d in enumerate(dims):
+        groups = tuple(d["kv_groups"]) if d.get("kv_groups") and d["n_heads"] else None
+        e = {"n_heads": d["n_heads"], "n_kv": d["n_heads"] if groups else d["n_kv"], "ffn_dim": d["ffn_dim"],
+             "kv_groups": groups, "attn_placeholder": False, "ffn_placeholder": False}
+        if i == 0 and not d["n_heads"] and any_attention:
+            e.update(n_heads=1, n_kv=1, attn_placeholder=True)
+        if not d["ffn_dim"]:
+            e.update(ffn_dim=1, ffn_placeholder=True)
+        out.append(e)
+    return out
+
+
+CONFIG_KEY = "jaxprune.config"  # JSON of `config.to_hf()`, written by `jaxprune.io.gguf_export`
+
+
+def _per_layer(path: str, value, n: int, key: str) -> list[int]:
+    """A per-layer GGUF value (one number for all layers, or an array of `n`) as `n` ints."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise CheckpointError(f"{path}: {key} has {len(value)} entries for block_count={n}")
+        return [int(v) for v in value]
+    return [int(value)] * n
+
+
+def _layer_counts(path: str, reader, arch: str, n_layers: int) -> tuple[list, list, list]:
+    """(query heads, K/V heads, FFN width) of each layer as the file states them."""
+    g = lambda k: _field(reader, f"{arch}.{k}")
+    heads = _per_layer(path, g("attention.head_count"), n_layers, "attention.head_count")
+    kv = g("attention.head_count_kv")
+    kv = heads if kv is None else _per_layer(path, kv, n_layers, "attention.head_count_kv")
+    ffn = _per_layer(path, g("feed_forward_length"), n_layers, "feed_forward_length")
+    return heads, kv, ffn
+
+
+def _file_config(path: str, reader, arch: str) -> LlamaConfig:
+    """The config a llama / deci GGUF states (per-layer arrays -> `layer_shapes` when layers differ)."""
+    g = lambda k, d=None: _field(reader, f"{arch}.{k}", d)
     try:
-        heads = int(g("attention.head_count"))
+        n_layers = int(g("block_count"))
         hidden = int(g("embedding_length"))
+        heads, kvs, ffns = _layer_counts(path, reader, arch, n_layers)
+        for i, (h, kv) in enumerate(zip(heads, kvs)):
+            if h and not kv:
+                raise UnsupportedModelError(f"{path}: layer {i} has {h} heads and no K/V heads (deci's linear "
+                                            "attention), which jaxprune does not implement")
+            if h and h % kv:
+                raise UnsupportedModelError(f"{path}: layer {i} has {h} heads, not a multiple of its {kv} K/V heads")
+        top = max(heads) if any(heads) else 1
+        top_kv = next((kv for h, kv in zip(heads, kvs) if h == top), 1)
         n_vocab = g("vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
         tied = not any(t.name == "output.weight" for t in reader.tensors)
-        head_dim = int(g("rope.dimension_count", hidden // heads))
+        head_dim = int(g("rope.dimension_count") or g("attention.key_length") or hidden // top)
         theta = float(g("rope.freq_base", 10000.0))
-        rope = _rope_scaling(path, reader, head_dim, theta)
+        rope = _rope_scaling(path, reader, head_dim, theta, arch)
+        uniform = all(h == heads[0] and kv == kvs[0] and f == ffns[0] and h and f
+                      for h, kv, f in zip(heads, kvs, ffns))
+        shapes = None if uniform else freeze([{"n_heads": h, "n_kv": kv if h else 0, "ffn_dim": f}
+                                              for h, kv, f in zip(heads, kvs, ffns)])
         return LlamaConfig(
             vocab_size=int(n_vocab), hidden_size=hidden,
-            intermediate_size=int(g("feed_forward_length")), num_hidden_layers=int(g("block_count")),
-            num_attention_heads=heads, num_key_value_heads=int(g("attention.head_count_kv", heads)),
-            head_dim_override=head_dim if head_dim != hidden // heads else None,
+            intermediate_size=max(ffns) if ffns else 0, num_hidden_layers=n_layers,
+            num_attention_heads=top, num_key_value_heads=top_kv,
+            head_dim_override=head_dim if head_dim != hidden // top else None,
             rms_norm_eps=float(g("attention.layer_norm_rms_epsilon", 1e-5)),
             rope_theta=theta, rope_scaling=freeze(rope),
             max_position_embeddings=int(g("context_length", 2048)), tie_word_embeddings=tied,
             bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
             eos_token_id=_field(reader, "tokenizer.ggml.eos_token_id"),
+            layer_shapes=shapes,
         )
     except (TypeError, KeyError) as e:
         raise CheckpointError(f"{path}: GGUF metadata is incomplete ({e})") from None
 
 
+def _our_config(path: str, reader, stated: LlamaConfig) -> LlamaConfig | None:
+    """The exact config jaxprune wrote into `CONFIG_KEY` (None if absent), checked against what the
+    file states: GGUF keeps floats as float32, loses the top-level widths of a non-uniform model and
+    holds the placeholders of `gguf_layers`, so only this key restores the config exactly."""
+    import json
+    from jaxprune.models.config import config_from_hf
+    from jaxprune.models.layers import rope_inv_freq
+    from jaxprune.models.llama import per_layer_dims
+
+    text = _field(reader, CONFIG_KEY)
+    if text is None:
+        return None
+    try:
+        ours = config_from_hf(json.loads(text), source=f"{path}: {CONFIG_KEY}")
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: metadata {CONFIG_KEY} is not a readable config ({e})") from None
+    f32 = lambda x: float(np.float32(x))
+    written = [(e["n_heads"], e["n_kv"], e["ffn_dim"]) for e in gguf_layers(ours)] if ours.arch == "llama" else []
+    checks = [
+        ("arch", ours.arch, "llama"),
+        ("vocab_size", ours.vocab_size, stated.vocab_size),
+        ("hidden_size", ours.hidden_size, stated.hidden_size),
+        ("num_hidden_layers", ours.num_hidden_layers, stated.num_hidden_layers),
+        ("head_dim", ours.head_dim, stated.head_dim),
+        ("tie_word_embeddings", ours.tie_word_embeddings, stated.tie_word_embeddings),
+        ("max_position_embeddings", ours.max_position_embeddings, stated.max_position_embeddings),
+        ("rms_norm_eps", f32(ours.rms_norm_eps), f32(stated.rms_norm_eps)),
+        ("rope_theta", f32(ours.rope_theta), f32(stated.rope_theta)),
+        ("layer widths", written, [(d["n_heads"], d["n_kv"], d["ffn_dim"]) for d in per_layer_dims(stated)]),
+    ]
+    bad = [f"{name}: {a!r} there, {b!r} in the file" for name, a, b in checks if a != b]
+    if not bad and not np.allclose(np.asarray(rope_inv_freq(ours.head_dim, ours.rope_theta, ours.rope)),
+                                   np.asarray(rope_inv_freq(stated.head_dim, stated.rope_theta, stated.rope)),
+                                   rtol=1e-5, atol=0):
+        bad.append(f"rope scaling: {ours.rope} there, {stated.rope} in the file")
+    if bad:
+        raise CheckpointError(f"{path}: metadata {CONFIG_KEY} disagrees with the file's own metadata (changed "
+                              "after jaxprune wrote it?): " + "; ".join(bad))
+    return ours
+
+
+def _arch(path: str, reader) -> str:
+    arch = _field(reader, "general.architecture")
+    if arch not in ("llama", "deci"):
+        raise UnsupportedModelError(f"{path}: GGUF architecture {arch!r} is not supported "
+                                    "(jaxprune reads 'llama' and 'deci')")
+    return arch
+
+
+def gguf_config(path: str, reader=None) -> LlamaConfig:
+    """The `LlamaConfig` of a ``llama`` or ``deci`` GGUF file: per-layer head, K/V head and FFN
+    arrays (0: sublayer absent) become `layer_shapes`; a file jaxprune wrote gives back the exact
+    config it was written from (`CONFIG_KEY`)."""
+    reader = reader or _reader(path)
+    stated = _file_config(path, reader, _arch(path, reader))
+    return _our_config(path, reader, stated) or stated
+
+
+def _undo_placeholders(path: str, named: dict, config: LlamaConfig) -> None:
+    """Drop `gguf_layers`' placeholder sublayers and un-repeat expanded K/V rows, in place."""
+    for i, e in enumerate(gguf_layers(config)):
+        pre = f"model.layers.{i}."
+        for flag, keys in (("attn_placeholder", ("self_attn.", "input_layernorm.")),
+                           ("ffn_placeholder", ("mlp.", "post_attention_layernorm."))):
+            if not e[flag]:
+                continue
+            for name in [n for n in named if n.startswith(tuple(pre + k for k in keys))]:
+                w = named.pop(name)
+                if not name.endswith("layernorm.weight") and np.any(w):
+                    raise CheckpointError(f"{path}: {name} is a placeholder jaxprune writes as zeros, but "
+                                          "holds other values (changed after jaxprune wrote it?)")
+        if e["kv_groups"]:
+            starts = np.cumsum((0,) + e["kv_groups"][:-1])
+            for proj in ("k_proj", "v_proj"):
+                name = f"{pre}self_attn.{proj}.weight"
+                if name not in named:
+                    continue
+                w = named[name]
+                per_head = w.reshape(e["n_heads"], -1, w.shape[-1])
+                kept = per_head[starts]
+                if not np.array_equal(np.repeat(kept, e["kv_groups"], axis=0), per_head):
+                    raise CheckpointError(f"{path}: {name}: the K/V rows jaxprune repeats per query head "
+                                          "differ within a group (changed after jaxprune wrote it?)")
+                named[name] = kept.reshape(-1, w.shape[-1])
+
+
 def load_gguf(path: str, dtype=jnp.float32) -> Params:
-    """Load and dequantize a Llama-family GGUF file into `Params` (HF layout, Q/K un-permuted)."""
+    """Load and dequantize a ``llama`` or ``deci`` GGUF file into `Params` (HF layout, Q/K un-permuted)."""
     import gguf
     from jaxprune.io.hf import from_named_arrays
 
     reader = _reader(path)
-    config = gguf_config(path, reader)
+    arch = _arch(path, reader)
+    stated = _file_config(path, reader, arch)
+    ours = _our_config(path, reader, stated)
+    heads, kvs, _ = _layer_counts(path, reader, arch, stated.num_hidden_layers)
     named = {}
     for t in reader.tensors:
         name = hf_name(t.name)
@@ -225,12 +394,17 @@ def load_gguf(path: str, dtype=jnp.float32) -> Params:
         except Exception as e:
             raise CheckpointError(f"{path}: tensor {t.name} could not be dequantized "
                                   f"({type(e).__name__}: {e}); the file may be truncated") from None
+        i = int(t.name.split(".")[1]) if t.name.startswith("blk.") else None
+        if i is not None and i >= len(heads):
+            raise CheckpointError(f"{path}: tensor {t.name} names a layer beyond block_count={len(heads)}")
         if name.endswith("q_proj.weight"):
-            w = unpermute_rotary(w, config.num_attention_heads)
+            w = unpermute_rotary(w, heads[i])
         elif name.endswith("k_proj.weight"):
-            w = unpermute_rotary(w, config.num_key_value_heads)
+            w = unpermute_rotary(w, kvs[i])
         named[name] = w
-    return from_named_arrays(config, named, source=path, dtype=dtype)
+    if ours is not None:
+        _undo_placeholders(path, named, ours)
+    return from_named_arrays(ours or stated, named, source=path, dtype=dtype)
 
 
 def gguf_vocab(path: str) -> dict:
