@@ -141,3 +141,18 @@ def test_uniformly_compacted_model_can_be_stacked():
     small = jp.compact(params, {"ffn": ffn})
     np.testing.assert_allclose(np.asarray(jp.forward(models.stack_layers(small), TOKENS)),
                                np.asarray(jp.forward(small, TOKENS)), atol=1e-5, rtol=0)
+
+
+def test_entry_points_that_take_a_layer_list_reject_stacked_params(tmp_path):
+    """Pruning, decoding, compaction and saving name the fix instead of failing deep inside."""
+    import jaxprune as jp
+    from jaxprune import models
+    from jaxprune.errors import InvalidArgumentError
+    cfg = jp.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    stacked = models.stack_layers(models.init(cfg, jax.random.key(0)))
+    calls = [lambda: jp.magnitude(stacked, 0.5), lambda: jp.generate(stacked, [[1, 2]], max_new_tokens=2),
+             lambda: jp.compact(stacked, {"ffn": jnp.ones((2, 64))}), lambda: jp.save(stacked, tmp_path / "x")]
+    for call in calls:
+        with pytest.raises(InvalidArgumentError, match="unstack_layers"):
+            call()

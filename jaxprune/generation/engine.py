@@ -40,7 +40,7 @@ from jaxprune.core.params import Params
 from jaxprune.errors import InvalidArgumentError, check_int
 from jaxprune.generation.kv_cache import init_cache
 from jaxprune.generation.sampling import Sampler, sample
-from jaxprune.models import embed, layer, unembed
+from jaxprune.models import embed, layer, require_layer_list, unembed
 from jaxprune.models import gates as gates_lib
 
 
@@ -127,6 +127,7 @@ def compile_decode(params, tokens, lengths, gates, stop_ids, key, sampler: Sampl
 def _check_params(params):
     if not isinstance(params, Params):
         raise InvalidArgumentError(f"expected jaxprune Params (from jaxprune.load), got {type(params).__name__}")
+    require_layer_list(params, "decoding")
 
 
 def stop_array(stop_token_ids) -> jnp.ndarray:

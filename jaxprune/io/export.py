@@ -138,6 +138,8 @@ def save(params: Params, path: str, masks: Params | None = None, tokenizer=None,
     """
     if not isinstance(path, (str, os.PathLike)):
         raise InvalidArgumentError(f"save: path must be a string or path, got {type(path).__name__}")
+    from jaxprune.models import require_layer_list
+    require_layer_list(params, "save")
     if save_format(path, format) == "gguf":
         if masks is not None or extra_files:
             raise InvalidArgumentError("a GGUF file holds no masks or extra files: apply the masks "

@@ -24,7 +24,8 @@ from jaxprune.errors import InvalidArgumentError
 from jaxprune.core.params import Params
 from jaxprune.models import gates as gates_lib
 from jaxprune.models import gemma, llama, mistral, opt, qwen
-from jaxprune.models.stacking import is_stacked, layer_tree, num_layers, scan_layers, stack_layers, unstack_layers
+from jaxprune.models.stacking import (is_stacked, layer_tree, num_layers, require_layer_list, scan_layers,
+                                      stack_layers, unstack_layers)
 from jaxprune.models.layout import Layout, Linear, Norm, layout_of
 
 # arch -> module with embed, layer, unembed, shapes, per_layer_dims, layer_dims

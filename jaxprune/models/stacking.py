@@ -46,6 +46,13 @@ def is_stacked(params: Params) -> bool:
     return isinstance(params.tree.get("layers"), dict)
 
 
+def require_layer_list(params, what: str) -> None:
+    """Raise `InvalidArgumentError` when `params` has stacked layers, which `what` does not take."""
+    if isinstance(params, Params) and is_stacked(params):
+        raise InvalidArgumentError(f"{what} takes params with a list of layers, got stacked layers: "
+                                   "call jaxprune.models.unstack_layers(params) first")
+
+
 def num_layers(params: Params) -> int:
     """Number of decoder layers, stacked or not."""
     layers = params.tree["layers"]

@@ -30,6 +30,7 @@ from jaxprune.core.checks import check_tokens
 from jaxprune.errors import DataError, InvalidArgumentError, check_int
 from jaxprune.sparsity.masks import check_sparsity, full_masks, global_masks, group_size, n_pruned, parse_pattern, select_count
 from jaxprune.core.params import Params, get_path, set_path
+from jaxprune.models.stacking import require_layer_list
 from jaxprune.sparsity.sparsegpt import block_counts, solve
 
 SCOPES = ("row", "layer", "global")
@@ -72,6 +73,7 @@ def _validate(params, sparsity, pattern, scope, prunable):
     if not isinstance(scope, str) or scope not in SCOPES:
         raise InvalidArgumentError(f"scope must be one of {SCOPES}, got {scope!r}")
     prunable = prunable or default_prunable
+    require_layer_list(params, "pruning")
     paths = kernel_paths(params, prunable)
     if not paths:
         raise InvalidArgumentError("the prunable predicate selects no 2-D kernel")

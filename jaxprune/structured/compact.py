@@ -424,6 +424,7 @@ def compact(params: Params, gates) -> Params:
     """
     if not isinstance(params, Params):
         raise InvalidArgumentError(f"compact needs jaxprune Params, got {type(params).__name__}")
+    models.require_layer_list(params, "compact")
     if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(params)):
         raise InvalidArgumentError("compact needs concrete params: it cannot run under jit or vmap")
     cfg, tree = params.config, params.tree
