@@ -63,23 +63,51 @@ def from_gguf(path: str) -> Tokenizer:
     return Tokenizer(backend, v["bos_token_id"], v["eos_token_id"], source=path)
 
 
-def from_directory(directory: str) -> Tokenizer:
-    """Tokenizer of a Hugging Face checkpoint directory (its tokenizer.json)."""
-    import json
+MAX_TOKENIZER_BYTES = 256 << 20
+MAX_TOKENIZER_DEPTH = 64
 
+
+def from_directory(directory: str) -> Tokenizer:
+    """Tokenizer of a Hugging Face checkpoint directory (its tokenizer.json, bounded in size and
+    nesting before `tokenizers` parses it; anything unreadable is a CheckpointError)."""
     from tokenizers import Tokenizer as Backend
+
+    from jaxprune.io.untrusted import inside, json_depth, read_json, short
 
     path = os.path.join(directory, "tokenizer.json")
     if not os.path.isfile(path):
         raise CheckpointError(f"{directory}: no tokenizer.json (jaxprune reads fast-tokenizer files)")
+    path = inside(directory, "tokenizer.json")
     try:
-        backend = Backend.from_file(path)
-    except Exception as e:
-        raise CheckpointError(f"{path}: unreadable tokenizer ({e})") from None
+        size = os.path.getsize(path)
+        if size > MAX_TOKENIZER_BYTES:
+            raise CheckpointError(f"{path}: tokenizer.json has {size} bytes (at most {MAX_TOKENIZER_BYTES})")
+        with open(path, "rb") as f:
+            raw = f.read(min(size, MAX_TOKENIZER_BYTES) + 1)
+    except CheckpointError:
+        raise
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
+    depth = json_depth(raw)
+    if len(raw) > MAX_TOKENIZER_BYTES or depth > MAX_TOKENIZER_DEPTH:
+        raise CheckpointError(f"{path}: unreadable tokenizer (nests {depth} levels deep, at most {MAX_TOKENIZER_DEPTH})")
+    try:
+        backend = Backend.from_str(raw.decode("utf-8"))
+    except BaseException as e:   # tokenizers' Rust panics are BaseExceptions (pyo3 PanicException)
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise CheckpointError(f"{path}: unreadable tokenizer ({type(e).__name__}: {short(str(e), 200)})") from None
     bos = eos = None
-    cfg_path = os.path.join(directory, "config.json")
-    if os.path.isfile(cfg_path):
-        with open(cfg_path) as f:
-            cfg = json.load(f)
-        bos, eos = cfg.get("bos_token_id"), cfg.get("eos_token_id")
-    return Tokenizer(backend, bos, eos, source=directory)
+    if os.path.isfile(os.path.join(directory, "config.json")):
+        cfg = read_json(inside(directory, "config.json"), "config.json", 4 << 20, 32)
+        if isinstance(cfg, dict):
+            bos, eos = cfg.get("bos_token_id"), cfg.get("eos_token_id")
+    return Tokenizer(backend, _token_id(bos), _token_id(eos), source=directory)
+
+
+def _token_id(value):
+    """A config's bos/eos id (an int or a list of ints) as written, or None for anything else."""
+    ok = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0
+    if isinstance(value, list):
+        return value if value and len(value) <= 64 and all(ok(v) for v in value) else None
+    return value if ok(value) else None

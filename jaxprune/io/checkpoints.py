@@ -5,7 +5,8 @@ A checkpoint is one orbax composite item per part — `params`, `masks`, `gates`
 `save_checkpoint(path, ...)` is exactly one step of a `CheckpointManager` built
 with `checkpoint_args`: `load_checkpoint` reads either. Arrays keep their dtype
 and sharding; the model config travels with them, so `params` come back as
-`Params`. Orbax writes under a temporary name and renames on commit.
+`Params`. Orbax writes under a temporary name and renames on commit; a checkpoint
+is checked (JSON bounded, shapes against its config) before orbax reads its arrays.
 
 Example:
     >>> import jax, tempfile, os, numpy as np, jaxprune as jp
@@ -32,13 +33,15 @@ In a training loop, let orbax's `CheckpointManager` keep the last few steps:
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from typing import NamedTuple
 
 import jax
 import numpy as np
 
-from jaxprune.models.config import config_from_hf
-from jaxprune.errors import CheckpointError, InvalidArgumentError
+from jaxprune.errors import CheckpointError, InvalidArgumentError, JaxpruneError
+from jaxprune.io.atomic import commit_directory
 from jaxprune.sparsity.masks import check_masks_like
 from jaxprune.core.params import Params
 
@@ -95,8 +98,10 @@ def save_checkpoint(path: str, params: Params, masks=None, gates: dict | None = 
                     metadata: dict | None = None, overwrite: bool = False) -> str:
     """Write params (+ masks, gates, metadata) as an orbax checkpoint directory; returns its path.
 
-    Raises CheckpointError if `path` exists (unless `overwrite`) or cannot be written; nothing is
-    left behind on failure.
+    Raises CheckpointError if `path` exists (unless `overwrite`) or cannot be written. Orbax writes
+    inside a hidden temporary sibling that is then committed (`jaxprune.io.atomic`), so a failure,
+    a full disk or a kill leaves nothing at `path` (or, with `overwrite`, the old checkpoint), and
+    of two processes writing `path` at once one wins and the other gets a CheckpointError.
     """
     ocp = _ocp()
     args = checkpoint_args(params, masks, gates, metadata)
@@ -108,20 +113,40 @@ def save_checkpoint(path: str, params: Params, masks=None, gates: dict | None = 
         os.makedirs(parent, exist_ok=True)
         if not os.access(parent, os.W_OK):
             raise PermissionError(13, "Permission denied")
+        tmp = tempfile.mkdtemp(prefix=f".tmp-{os.path.basename(path)}-", dir=parent)
     except OSError as e:
         raise CheckpointError(f"cannot write to {parent}: {e.strerror}") from None
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-        try:
-            ckptr.save(path, args=args, force=overwrite)
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"writing {path} failed: {e}") from None
+    staged = os.path.join(tmp, "checkpoint")
+    try:
+        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+            ckptr.save(staged, args=args)
+        commit_directory(staged, path, overwrite)
+    except JaxpruneError:
+        raise
+    except Exception as e:   # OSError, or tensorstore's ValueError on a full disk
+        raise CheckpointError(f"writing {path} failed: {_reason(e)}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 
+_CAUSES = ("No space left on device", "File too large", "Disk quota exceeded", "Permission denied",
+           "Read-only file system")
+
+
+def _reason(e: Exception) -> str:
+    """A short cause of a failed write: the OS's words when they are in the message (tensorstore
+    wraps them in long paths), else the start of the message."""
+    text = str(e)
+    cause = next((c for c in _CAUSES if c in text), None)
+    return cause if cause else f"{type(e).__name__}: {text[:300]}"
+
+
 def _from_restored(restored, source: str) -> Checkpoint:
+    from jaxprune.io.hf import checked_config
     if restored.get("config") is None or restored.get("params") is None:
         raise CheckpointError(f"{source}: not a jaxprune checkpoint (no params/config items)")
-    config = config_from_hf(restored["config"], source=source)
+    config = checked_config(restored["config"], source=source)
     params = Params(config, restored["params"])
     masks = restored.get("masks")
     return Checkpoint(params, Params(config, masks) if masks is not None else None,
@@ -142,21 +167,107 @@ def _restore_args(path: str):
     return ocp.args.Composite(**items)
 
 
+MAX_JSON_BYTES = 64 << 20
+ANY_RATIO_BELOW = 64 << 20   # arrays up to this many bytes are restored whatever their compression
+MAX_RATIO = 1024             # larger ones must not claim more than this many bytes per byte on disk
+
+
+def _disk_bytes(directory: str) -> int:
+    total = 0
+    for root, _, files in os.walk(directory):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(root, f)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def _array_metadata(item_dir: str, source: str) -> dict[str, tuple]:
+    """keystr path -> (shape, dtype) of a StandardSave item, read from its metadata only."""
+    from etils import epath
+    ocp = _ocp()
+    try:
+        meta = ocp.StandardCheckpointHandler().metadata(epath.Path(item_dir))
+        leaves = jax.tree_util.tree_flatten_with_path(meta)[0]
+        out = {jax.tree_util.keystr(p): (tuple(int(d) for d in m.shape), np.dtype(m.dtype)) for p, m in leaves}
+    except JaxpruneError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"{source}: unreadable array metadata in {os.path.basename(item_dir)}/ "
+                              f"({type(e).__name__}: {str(e)[:200]})") from None
+    if any(d < 0 for shape, _ in out.values() for d in shape):
+        raise CheckpointError(f"{source}: {os.path.basename(item_dir)}/ holds a negative dimension")
+    return out
+
+
+def _check_size(meta: dict, item_dir: str, source: str) -> int:
+    claimed = sum(int(np.prod(s, dtype=object)) * dt.itemsize for s, dt in meta.values())
+    disk = _disk_bytes(item_dir)
+    if claimed > ANY_RATIO_BELOW and claimed > MAX_RATIO * disk:
+        raise CheckpointError(f"{source}: {os.path.basename(item_dir)}/ claims {claimed} bytes of arrays "
+                              f"from {disk} bytes on disk")
+    return claimed
+
+
+def _check_before_restore(path: str):
+    """Everything orbax would trust, checked first: JSON files bounded in size and nesting, the
+    config sane, and the stored arrays' shapes exactly those the config implies (masks too),
+    with sizes that the bytes on disk can hold. Returns the config."""
+    from jaxprune import models
+    from jaxprune.io.hf import checked_config
+    from jaxprune.io.untrusted import read_json, short
+
+    for root, _, files in os.walk(path):
+        for f in files:
+            if f in ("_METADATA", "_sharding", "_CHECKPOINT_METADATA", "metadata", "process_0") or \
+                    f.endswith(".json"):
+                read_json(os.path.join(root, f), f"orbax file {f}", MAX_JSON_BYTES)
+    config_file = os.path.join(path, "config", "metadata")
+    config = checked_config(read_json(config_file, "config", 4 << 20, 32), config_file)
+    expected = {jax.tree_util.keystr(p): tuple(s) for p, s in
+                jax.tree_util.tree_flatten_with_path(models.shapes(config), is_leaf=models.is_shape)[0]}
+    for item in ("params", "masks"):
+        item_dir = os.path.join(path, item)
+        if item == "masks" and not os.path.isdir(item_dir):
+            continue
+        meta = _array_metadata(item_dir, path)
+        if item == "params":
+            _check_size(meta, item_dir, path)
+        shapes = {k: s for k, (s, _) in meta.items()}
+        if shapes != expected:
+            bad = sorted(set(shapes) ^ set(expected)) + sorted(k for k in shapes if k in expected
+                                                                 and shapes[k] != expected[k])
+            raise CheckpointError(f"{path}: {item}/ does not match the config ({len(bad)} arrays differ, "
+                                  f"e.g. {short(bad[:3], 200)})")
+    if os.path.isdir(os.path.join(path, "gates")):
+        _check_size(_array_metadata(os.path.join(path, "gates"), path), os.path.join(path, "gates"), path)
+    return config
+
+
 def load_checkpoint(path: str) -> Checkpoint:
     """Read a checkpoint written by `save_checkpoint` (or one step directory of a `CheckpointManager`
-    saved with `checkpoint_args`): `Checkpoint(params, masks, gates, metadata)`."""
+    saved with `checkpoint_args`): `Checkpoint(params, masks, gates, metadata)`. A corrupt or
+    hostile checkpoint is a CheckpointError, raised before orbax allocates anything for it."""
     ocp = _ocp()
     path = os.path.abspath(os.fspath(path))
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: no such checkpoint directory")
     if not is_checkpoint(path):
         raise CheckpointError(f"{path}: not a jaxprune orbax checkpoint (needs params/ and config/ items)")
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-        try:
+    try:
+        _check_before_restore(path)
+    except CheckpointError as e:
+        detail = str(e).replace(path + os.sep, "").replace(path + ": ", "")
+        raise CheckpointError(f"{path}: cannot restore ({detail})") from None
+    try:
+        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
             restored = ckptr.restore(path, args=_restore_args(path))
-        except (OSError, ValueError, KeyError) as e:
-            raise CheckpointError(f"{path}: cannot restore ({type(e).__name__}: {str(e)[:300]})") from None
-    return _from_restored(restored, path)
+        return _from_restored(restored, path)
+    except JaxpruneError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot restore ({type(e).__name__}: {str(e)[:300]})") from None
 
 
 def restore_checkpoint(manager, step: int | None = None) -> Checkpoint:
@@ -166,8 +277,14 @@ def restore_checkpoint(manager, step: int | None = None) -> Checkpoint:
     if step is None or step not in manager.all_steps():
         raise CheckpointError(f"{manager.directory}: no checkpoint for step {step} "
                               f"(steps: {list(manager.all_steps())})")
-    restored = manager.restore(step)
-    return _from_restored({k: restored[k] for k in restored.keys()}, f"{manager.directory} step {step}")
+    try:
+        restored = manager.restore(step)
+        return _from_restored({k: restored[k] for k in restored.keys()}, f"{manager.directory} step {step}")
+    except JaxpruneError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"{manager.directory} step {step}: cannot restore ({type(e).__name__}: "
+                              f"{str(e)[:300]})") from None
 
 
 __all__ = ["Checkpoint", "checkpoint_args", "is_checkpoint", "load_checkpoint", "restore_checkpoint",

@@ -47,6 +47,7 @@ from jaxprune.sparsity.masks import check_masks_like
 from jaxprune.core.params import Params
 from jaxprune.io.names import flatten_tree, hf_to_path
 from jaxprune.io.safetensors import open_safetensors, read_metadata, write_safetensors
+from jaxprune.io.untrusted import inside, parse_json, short
 
 FILE = "sparse.safetensors"
 REPORT = "compression.json"
@@ -119,29 +120,58 @@ def encode(name: str, w: np.ndarray, keep: np.ndarray | None) -> tuple[dict[str,
 
 
 def decode(name: str, arrays: dict[str, np.ndarray], info: dict) -> tuple[np.ndarray, np.ndarray | None]:
-    """(weight, mask or None) of one tensor from its stored arrays (inverse of `encode`)."""
-    fmt = info["format"]
+    """(weight, mask or None) of one tensor from its stored arrays (inverse of `encode`). Every size
+    is checked against the stored arrays first (CheckpointError), so a corrupt file never makes it
+    allocate more than the N:M or bit-packed data it holds could expand to."""
+    def bad(why):
+        raise CheckpointError(f"tensor {short(name)}: corrupt compressed entry ({why})")
+
+    if not isinstance(info, dict):
+        bad(f"a JSON {type(info).__name__}")
+    fmt = info.get("format")
     if fmt == "dense":
         return np.asarray(arrays[name]), None
-    shape = tuple(info["shape"])
+    if fmt not in ("nm", "bitmask"):
+        raise CheckpointError(f"{short(name)}: unknown compressed format {short(fmt, 40)}")
+    shape = info.get("shape")
+    if not (isinstance(shape, list) and 1 <= len(shape) <= 2 and all(_count(d) for d in shape)):
+        bad(f"shape {short(shape, 40)}")
+    shape = tuple(shape)
     values = np.asarray(arrays[f"{name}.values"])
-    size = int(np.prod(shape))
+    if str(values.dtype) != info.get("dtype", str(values.dtype)):
+        bad(f"values are {values.dtype}, the entry says {short(info.get('dtype'), 20)}")
+    size = int(np.prod(shape, dtype=object))
     if fmt == "nm":
-        n, m = int(info["n"]), int(info["m"])
+        n, m = info.get("n"), info.get("m")
+        if len(shape) != 2 or m not in CANDIDATE_M or not _count(n) or not 0 < n < m or shape[1] % m:
+            bad(f"{short(n, 20)}:{short(m, 20)} pattern for shape {shape}")
         out_, in_ = shape
-        pos = unpack_bits(arrays[f"{name}.nm_index"], index_bits(m), out_ * (in_ // m) * n)
-        pos = pos.reshape(out_, in_ // m, n).astype(np.int64)
+        kept = out_ * (in_ // m) * n
+        index = np.asarray(arrays[f"{name}.nm_index"])
+        if values.size != kept or index.dtype != np.uint8 or index.size * 8 < kept * index_bits(m):
+            bad(f"{values.size} values and {index.size} index bytes for {kept} kept weights")
+        pos = unpack_bits(index, index_bits(m), kept).reshape(out_, in_ // m, n).astype(np.int64)
+        if pos.size and (pos.max() >= m or (n > 1 and np.any(np.diff(pos, axis=-1) <= 0))):
+            bad("kept positions out of order or out of range")
         w = np.zeros((out_, in_ // m, m), values.dtype)
         np.put_along_axis(w, pos, values.reshape(out_, in_ // m, n), -1)
         keep = np.zeros((out_, in_ // m, m), bool)
         np.put_along_axis(keep, pos, True, -1)
         return w.reshape(shape), keep.reshape(shape)
-    if fmt == "bitmask":
-        keep = np.unpackbits(np.asarray(arrays[f"{name}.mask_bits"]), count=size).astype(bool).reshape(shape)
-        w = np.zeros(shape, values.dtype)
-        w[keep] = values
-        return w, keep
-    raise CheckpointError(f"{name}: unknown compressed format {fmt!r}")
+    bits = np.asarray(arrays[f"{name}.mask_bits"])
+    if bits.dtype != np.uint8 or bits.size * 8 < size or values.ndim != 1:
+        bad(f"{bits.size} mask bytes for {size} weights")
+    keep = np.unpackbits(bits, count=size).astype(bool).reshape(shape)
+    if int(keep.sum()) != values.size:
+        bad(f"{values.size} values for {int(keep.sum())} kept weights")
+    w = np.zeros(shape, values.dtype)
+    w[keep] = values
+    return w, keep
+
+
+def _count(x) -> bool:
+    """Whether `x` is a JSON integer >= 0 (not a bool)."""
+    return isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2**40
 
 
 # --------------------------------------------------------------------------- directories
@@ -204,7 +234,10 @@ def save_compressed(params: Params, path: str, masks: Params | None = None, over
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(params.config.to_hf(), f, indent=2, sort_keys=True)
         if tokenizer is not None:
-            tokenizer.backend.save(os.path.join(tmp, "tokenizer.json"))
+            try:
+                tokenizer.backend.save(os.path.join(tmp, "tokenizer.json"))
+            except Exception as e:   # tokenizers raises its own exception types, e.g. on a full disk
+                raise OSError(f"writing tokenizer.json failed ({e})") from None
         stored = os.path.getsize(os.path.join(tmp, FILE))
         report = {"bytes_on_disk": stored, "dense_bytes": dense_bytes, "ratio": stored / max(dense_bytes, 1),
                   "formats": {n: i["format"] for n, i in infos.items()}}
@@ -232,11 +265,9 @@ def load_compressed(path: str, dtype=None) -> tuple[Params, Params]:
     file = os.path.join(path, FILE)
     if not os.path.isfile(file):
         raise CheckpointError(f"{path}: no {FILE}; not a compressed jaxprune checkpoint")
+    file = inside(path, FILE)
     arrays = open_safetensors(file)
-    try:
-        infos = json.loads(read_metadata(file).get(FORMAT_KEY, "null"))
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{file}: corrupt '{FORMAT_KEY}' metadata ({e})") from None
+    infos = parse_json(read_metadata(file).get(FORMAT_KEY, "null").encode(), file, f"'{FORMAT_KEY}' metadata", 8)
     if not isinstance(infos, dict):
         raise CheckpointError(f"{file}: no '{FORMAT_KEY}' metadata; not written by save_compressed")
     weights, keeps = {}, {}
@@ -244,7 +275,9 @@ def load_compressed(path: str, dtype=None) -> tuple[Params, Params]:
         try:
             weights[name], keep = decode(name, arrays, info)
         except KeyError as e:
-            raise CheckpointError(f"{file}: tensor {e} of {name} is missing") from None
+            raise CheckpointError(f"{file}: tensor {short(e.args[0])} of {short(name)} is missing") from None
+        except CheckpointError as e:
+            raise CheckpointError(f"{file}: {e}") from None
         if keep is not None:
             keeps[name] = keep
     params = from_named_arrays(config, weights, source=path, dtype=dtype)
@@ -252,9 +285,16 @@ def load_compressed(path: str, dtype=None) -> tuple[Params, Params]:
     for name, keep in keeps.items():
         p = hf_to_path(name, config.arch)
         node = mask_tree
-        for k in p[:-1]:
-            node = node[k]
-        node[p[-1]] = keep.T if p[-1] == "kernel" else keep
+        try:
+            for k in p[:-1]:
+                node = node[k]
+            leaf = node[p[-1]]
+        except (TypeError, KeyError, IndexError):
+            raise CheckpointError(f"{file}: mask of {short(name)} names no weight of the model") from None
+        keep = keep.T if p[-1] == "kernel" else keep
+        if keep.shape != np.shape(leaf):
+            raise CheckpointError(f"{file}: mask of {short(name)} has shape {keep.shape}, the weight {np.shape(leaf)}")
+        node[p[-1]] = keep
     return params, Params(config, mask_tree)
 
 

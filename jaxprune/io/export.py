@@ -24,7 +24,8 @@ import tempfile
 import jax
 import numpy as np
 
-from jaxprune.errors import CheckpointError, InvalidArgumentError
+from jaxprune.errors import CheckpointError, InvalidArgumentError, JaxpruneError
+from jaxprune.io.atomic import commit_directory
 from jaxprune.sparsity.masks import check_masks_like
 from jaxprune.core.params import Params
 from jaxprune.io.names import flatten_tree
@@ -96,14 +97,11 @@ def write_directory(path: str, write, overwrite: bool = False) -> str:
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; a checkpoint gets ordinary permissions
         for f in os.listdir(tmp):
             os.chmod(os.path.join(tmp, f), 0o666 & ~umask)
-        if os.path.exists(path):
-            old = path + ".old-" + os.path.basename(tmp)
-            os.rename(path, old)
-            os.rename(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, path)
-    except OSError as e:
+        commit_directory(tmp, path, overwrite)   # complete or absent at every instant; one racer wins
+    except JaxpruneError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    except Exception as e:   # OSError, and writers' own errors (safetensors: "File too large")
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(f"writing {path} failed: {e}") from None
     except BaseException:
@@ -182,7 +180,8 @@ def load_masks(directory: str, params: Params | None = None) -> Params:
         >>> params, masks = jp.load("out/wanda50"), jp.load_masks("out/wanda50")  # doctest: +SKIP
     """
     from jaxprune import models
-    from jaxprune.io.hf import read_config
+    from jaxprune.io.hf import check_claims, open_weights, read_config
+    from jaxprune.io.untrusted import parse_json
     from jaxprune.io.names import hf_to_path
     from jaxprune.io.safetensors import open_safetensors, read_metadata
 
@@ -191,13 +190,17 @@ def load_masks(directory: str, params: Params | None = None) -> Params:
     if params is not None and not isinstance(params, Params):
         raise InvalidArgumentError(f"load_masks: params must be jaxprune Params (or None), got {type(params).__name__}")
     config = params.config if params is not None else read_config(directory)
+    if params is None:   # the config is untrusted: its claims are checked against the weights first
+        check_claims(config, open_weights(directory), directory)
     tree = models.shapes(config) if params is None else jax.tree.map(np.shape, params.tree)
     masks = jax.tree.map(lambda s: np.ones(s, np.bool_), tree, is_leaf=models.is_shape)
     files = [f for f in os.listdir(directory) if f.startswith("masks") and f.endswith(".safetensors")]
     for f in sorted(files):
         file = os.path.join(directory, f)
         packed = read_metadata(file).get(MASKS_KEY)
-        shapes = json.loads(packed) if packed else {}
+        shapes = parse_json(packed.encode(), file, "mask shapes", 4) if packed else {}
+        if not isinstance(shapes, dict):
+            raise CheckpointError(f"{f}: mask shapes metadata is not a JSON object")
         for name, a in open_safetensors(file).items():
             path = hf_to_path(name, config.arch)
             if path is None:

@@ -52,6 +52,9 @@ def gguf_names(arch: str = "llama") -> tuple[dict, dict]:
 
 def _reader(path: str):
     import gguf
+    from jaxprune.io.gguf_check import check_gguf
+
+    check_gguf(path)   # every count and length bounded by the file before the gguf package reads it
     try:
         return gguf.GGUFReader(path)
     except Exception as e:  # the gguf package raises ValueError/struct.error/IndexError/...
@@ -291,18 +294,17 @@ def _our_config(path: str, reader, stated: LlamaConfig) -> LlamaConfig | None:
     """The exact config jaxprune wrote into `CONFIG_KEY` (None if absent), checked against what the
     file states: GGUF keeps floats as float32, loses the top-level widths of a non-uniform model and
     holds the placeholders of `gguf_layers`, so only this key restores the config exactly."""
-    import json
-    from jaxprune.models.config import config_from_hf
+    from jaxprune.io.hf import checked_config
+    from jaxprune.io.untrusted import parse_json
     from jaxprune.models.layers import rope_inv_freq
     from jaxprune.models.llama import per_layer_dims
 
     text = _field(reader, CONFIG_KEY)
     if text is None:
         return None
-    try:
-        ours = config_from_hf(json.loads(text), source=f"{path}: {CONFIG_KEY}")
-    except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{path}: metadata {CONFIG_KEY} is not a readable config ({e})") from None
+    if not isinstance(text, str):
+        raise CheckpointError(f"{path}: metadata {CONFIG_KEY} is not a string")
+    ours = checked_config(parse_json(text.encode(), path, CONFIG_KEY, 32), f"{path}: {CONFIG_KEY}")
     f32 = lambda x: float(np.float32(x))
     written = [(e["n_heads"], e["n_kv"], e["ffn_dim"]) for e in gguf_layers(ours)] if ours.arch == "llama" else []
     checks = [

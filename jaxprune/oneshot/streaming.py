@@ -8,10 +8,15 @@ out before the next layer is read. Peak host memory is about one layer (plus its
 pruned copy, whose buffers reuse the old ones where XLA can) plus the calibration
 activations: never the whole model.
 
-Work happens in ``OUT.partial/``. After each layer the layer file, the next layer's
-input activations and ``state.json`` (the commit point) are written atomically, so a
-run killed at any moment resumes from the last finished layer, with the same settings,
-and produces the same files as an uninterrupted run. The finished directory is
+Work happens in ``OUT.partial/``, locked against a second process. After each layer the
+layer file, its masks, the next layer's input activations and ``state.json`` (the commit
+point, holding the SHA-256 of each of those files and of its own content) are written
+atomically, so a run killed at any moment resumes from the last finished layer, with the
+same settings, and produces the same files as an uninterrupted run. On resume every
+recorded file is checked: a damaged layer is redone (from the kept input activations of
+the last layer, else from the first layer), and a damaged ``state.json`` is a
+`CheckpointError` unless ``overwrite=True`` starts over. A failed write (a full disk) is a
+`CheckpointError`; the run resumes from its last finished layer. The finished directory is
 renamed to ``OUT``: a Hugging Face checkpoint (``model-XXXXX-of-YYYYY.safetensors`` +
 index, the source's dtype) with ``masks*.safetensors`` beside it (uint8, 1 = keep,
 ``[out, in]``), loadable with `jaxprune.load` and `load_masks`.
@@ -34,7 +39,7 @@ import gc
 import hashlib
 import json
 import os
-import shutil
+import re
 from typing import Callable
 
 import jax.numpy as jnp
@@ -45,13 +50,16 @@ from jaxprune.calibration.driver import LayerPruner, embed_chunks
 from jaxprune.io.export import load_masks  # noqa: F401  (re-exported: masks beside a streamed output)
 from jaxprune.core.checks import check_tokens
 from jaxprune.errors import CheckpointError, InvalidArgumentError
+from jaxprune.io.atomic import commit_directory
 from jaxprune.io.hf import read_config
 from jaxprune.sparsity.masks import check_sparsity, parse_pattern
 from jaxprune.core.progress import progress
 from jaxprune.core.memory import return_freed_memory  # noqa: F401  (re-exported)
 from jaxprune.io.synthetic import layer_bytes, write_random_checkpoint  # noqa: F401  (re-exported)
-from jaxprune.oneshot.stream_files import (UnpackedMask, atomic_json, embedding_inputs, finish_directory, layer_statistics,
-                                          linear_paths, read_layer, tensor_index, write_layer, write_rest)
+from jaxprune.oneshot.stream_files import (UnpackedMask, activations_file, atomic_npy, check_state, claim,
+                                          clear_directory, embedding_inputs, file_sha256, finish_directory,
+                                          first_bad_layer, layer_statistics, linear_paths, load_state, read_layer,
+                                          release, save_state, tensor_index, write_layer, write_rest)
 
 METHODS = ("wanda", "sparsegpt")
 LOW_MEMORY_LAYER_BYTES = 64 * 2**20
@@ -117,28 +125,70 @@ def prune_streaming(source: str, out: str, calib, method: str = "wanda", sparsit
                     blocksize=blocksize, percdamp=percdamp, compute_dtype=np.dtype(compute_dtype).name)
     fingerprint = _fingerprint(source, tokens, settings)
     work = out + ".partial"
-    state_path = os.path.join(work, "state.json")
     L = config.num_hidden_layers
     files = [f"model-{k + 1:05d}-of-{L + 1:05d}.safetensors" for k in range(L + 1)]
+    mask_files = [f"masks-{i + 1:05d}-of-{L:05d}.safetensors" for i in range(L)]
+    lock = claim(work)
+    try:
+        return _run(source, out, work, config, tokens, files, mask_files, fingerprint, overwrite, settings,
+                    compute_dtype, low_memory, show_progress, on_layer, statistics)
+    except OSError as e:   # a full disk, a vanished directory: the run resumes from its last layer
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"writing {work} failed ({e}); run again to resume from the last finished "
+                              "layer") from None
+    finally:
+        release(lock)
+
+
+def _resume_state(source, work, config, files, mask_files, fingerprint, overwrite):
+    """The state to continue from: the saved one (checked; rolled back to the first layer whose
+    files are damaged), or a new one after clearing `work` and copying the non-layer tensors."""
+    state_path = os.path.join(work, "state.json")
     state = None
     if os.path.isfile(state_path):
-        with open(state_path) as f:
-            state = json.load(f)
-        if state.get("fingerprint") != fingerprint:
-            if not overwrite:
-                raise CheckpointError(f"{work} holds an unfinished run with other settings or data; remove it "
-                                      f"or pass overwrite=True to start over")
-            state = None
-    if state is None:
-        shutil.rmtree(work, ignore_errors=True)
         try:
-            os.makedirs(work)
-        except OSError as e:
-            raise CheckpointError(f"cannot write {work}: {e.strerror}") from None
-        rest = write_rest(tensor_index(source), config, work, files[L])
-        state = {"fingerprint": fingerprint, "done": 0, "names": {n: files[L] for n in rest}, "masks": {}}
+            state = load_state(state_path)
+            if state.get("fingerprint") != fingerprint:
+                if not overwrite:
+                    raise CheckpointError(f"{work} holds an unfinished run with other settings or data; remove "
+                                          f"it or pass overwrite=True to start over")
+                state = None
+            else:
+                state = check_state(state, state_path, files, mask_files)
+        except CheckpointError:
+            if not overwrite:
+                raise
+            state = None
+    if state is not None:
+        redo = first_bad_layer(work, state, files, mask_files)
+        if redo < 0:
+            state = None
+        elif redo < state["done"]:
+            recorded = state["checksums"].get(activations_file(redo))
+            if redo and (recorded is None or file_sha256(os.path.join(work, activations_file(redo))) != recorded):
+                redo = 0   # its input activations are not kept (or damaged too): start the layers over
+            keep = {files[-1], activations_file(redo)} | set(files[:redo]) | set(mask_files[:redo])
+            state = {**state, "done": redo, "statistics": state.get("statistics", [])[:redo],
+                     "checksums": {k: v for k, v in state["checksums"].items() if k in keep}}
+    if state is None:
+        clear_directory(work)
+        rest = write_rest(tensor_index(source), config, work, files[-1])
+        state = {"fingerprint": fingerprint, "done": 0, "names": {n: files[-1] for n in rest}, "masks": {},
+                 "statistics": [], "checksums": {files[-1]: file_sha256(os.path.join(work, files[-1]))}}
+        save_state(state, state_path)
+    return state
 
-    kind, prune_dense = _prune_dense(method, nm, blocksize, percdamp)
+
+def _run(source, out, work, config, tokens, files, mask_files, fingerprint, overwrite, settings, compute_dtype,
+         low_memory, show_progress, on_layer, statistics) -> str:
+    method, mode, batch_size = settings["method"], settings["mode"], settings["batch_size"]
+    sparsity, nm = settings["sparsity"], settings["pattern"]
+    L = config.num_hidden_layers
+    state_path = os.path.join(work, "state.json")
+    state = _resume_state(source, work, config, files, mask_files, fingerprint, overwrite)
+
+    kind, prune_dense = _prune_dense(method, nm, settings["blocksize"], settings["percdamp"])
     if low_memory is None:
         stored_itemsize = max(np.dtype(loc[0]).itemsize for _, loc in tensor_index(source).values())
         low_memory = layer_bytes(config, np.dtype(f"u{stored_itemsize}")) > LOW_MEMORY_LAYER_BYTES
@@ -147,9 +197,8 @@ def prune_streaming(source: str, out: str, calib, method: str = "wanda", sparsit
     X, ctx = embed_chunks(small, jnp.asarray(local_tokens), batch_size)
     del small
     sizes = [x.shape[0] for x in X]
-    acts = os.path.join(work, "activations.npy")
     if state["done"]:
-        saved = np.load(acts)
+        saved = np.load(os.path.join(work, activations_file(state["done"])))   # checksum checked
         X = [jnp.asarray(a) for a in np.split(saved, np.cumsum(sizes)[:-1])]
         del saved
     else:
@@ -157,6 +206,7 @@ def prune_streaming(source: str, out: str, calib, method: str = "wanda", sparsit
     count = jnp.asarray(float(tokens.size), jnp.float32)
     locations = tensor_index(source)
     stored = {k: loc[0] for k, (_, loc) in locations.items()}
+    sums = state["checksums"]
 
     for i in progress(range(state["done"], L), f"{method} (streaming)", total=L - state["done"],
                       enabled=show_progress):
@@ -176,22 +226,26 @@ def prune_streaming(source: str, out: str, calib, method: str = "wanda", sparsit
         names = write_layer(new_lp, i, config.arch, os.path.join(work, files[i]), stored)
         state["names"].update({n: files[i] for n in names})
         del new_lp
-        state.setdefault("statistics", []).append(layer_statistics(locations, config, i, packed))
+        state["statistics"] = state.get("statistics", [])[:i] + [layer_statistics(locations, config, i, packed)]
         mtree = {}
         for path, (shape, bits) in packed.items():
             node = mtree
             for p in path:
                 node = node.setdefault(p, {})
             node["kernel"] = UnpackedMask(shape, bits)
-        mfile = f"masks-{i + 1:05d}-of-{L:05d}.safetensors"
-        names = write_layer(mtree, i, config.arch, os.path.join(work, mfile))
-        state["masks"].update({n: mfile for n in names})
+        names = write_layer(mtree, i, config.arch, os.path.join(work, mask_files[i]))
+        state["masks"].update({n: mask_files[i] for n in names})
         del mtree
         packed.clear()
-        np.save(acts + ".tmp.npy", np.concatenate([np.asarray(x) for x in X]))
-        os.replace(acts + ".tmp.npy", acts)
+        acts = activations_file(i + 1)
+        atomic_npy(np.concatenate([np.asarray(x) for x in X]), os.path.join(work, acts))
+        for f in (files[i], mask_files[i], acts):
+            sums[f] = file_sha256(os.path.join(work, f))
+        sums.pop(activations_file(i - 1), None)   # keep the inputs of the last layer (for a redo) and the next
         state["done"] = i + 1
-        atomic_json(state, state_path)
+        save_state(state, state_path)
+        if i >= 1 and os.path.exists(os.path.join(work, activations_file(i - 1))):
+            os.remove(os.path.join(work, activations_file(i - 1)))
         gc.collect()   # the traced layer's reference cycles would otherwise keep its buffers alive
         if on_layer is not None:
             on_layer(i)
@@ -199,15 +253,14 @@ def prune_streaming(source: str, out: str, calib, method: str = "wanda", sparsit
     finish_directory(source, work, config, state["names"], state["masks"])
     if statistics is not None:
         statistics.extend(state.get("statistics", []))
-    for f in ("state.json", "activations.npy"):
-        os.remove(os.path.join(work, f))
-    if os.path.exists(out):
-        old = out + ".old"
-        os.rename(out, old)
-        os.rename(work, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(work, out)
+    for f in os.listdir(work):
+        if f == "state.json" or re.fullmatch(r"activations-\d+\.npy", f):
+            os.remove(os.path.join(work, f))
+    try:
+        commit_directory(work, out, overwrite)
+    except CheckpointError:
+        raise CheckpointError(f"{out} already exists (written by another process meanwhile); this run's "
+                              f"result stays in {work}") from None
     return out
 
 
