@@ -25,6 +25,7 @@ from jaxprune.structured.bonsai import bonsai
 from jaxprune.structured.finercut import finercut
 from jaxprune.structured.l0 import l0_prune
 from jaxprune.training.lora import lora_finetune, lora_merge
+from jaxprune.training.distill import DistillResult, distill
 from jaxprune.training.masked import keep_masked
 from jaxprune.sparsity.masks import apply_masks, summary as sparsity_summary
 from jaxprune.models import forward, init
@@ -72,6 +73,8 @@ __all__ = [
     "l0_prune",
     "lora_finetune",
     "lora_merge",
+    "distill",
+    "DistillResult",
     "magnitude",
     "owl_sparsities",
     "sparsegpt",

@@ -8,7 +8,10 @@
                    removes a fraction of non-embedding parameters; writes the smaller model)
     jaxprune prune HF_DIR --stream --method wanda|sparsegpt --out DIR      (one layer in memory
                    at a time; resumes an interrupted run; no evaluation)
-    jaxprune report RUN_DIR [RUN_DIR ...] [--out DIR]   (PNG plots + report.md of prune runs)
+    jaxprune recover MODEL_DIR --teacher DENSE --out DIR [--steps 200 --batch-size 4 --seqlen 256]
+                   [--lora-rank r] [--top-k K] [--lr LR] [--checkpoint-dir DIR]   (distillation
+                   towards the dense model; masks kept; resumes from --checkpoint-dir)
+    jaxprune report RUN_DIR [RUN_DIR ...] [--out DIR]   (PNG plots + report.md of prune/recover runs)
     jaxprune generate [MODEL] --prompt TEXT [--max-new-tokens 64] [--temperature 0.8 --seed 0]
                    (KV-cached decoding; tokens stream to the terminal as they are made)
 
@@ -342,6 +345,98 @@ def cmd_prune_structured(args) -> int:
     return 0
 
 
+def _check_recover_args(args) -> None:
+    """The numbers of `jaxprune recover`, checked before anything is loaded."""
+    for flag, value in (("--steps", args.steps), ("--batch-size", args.batch_size), ("--n-calib", args.n_calib),
+                        ("--lora-rank", args.lora_rank), ("--top-k", args.top_k), ("--eval-every", args.eval_every),
+                        ("--eval-windows", args.eval_windows), ("--checkpoint-every", args.checkpoint_every)):
+        if value is not None and value < 1:
+            raise InvalidArgumentError(f"{flag} must be a positive integer, got {value}")
+    if args.seqlen < 2:
+        raise InvalidArgumentError(f"--seqlen must be at least 2, got {args.seqlen}")
+    for flag, value in (("--lr", args.lr), ("--temperature", args.temperature)):
+        if value is not None and not value > 0:
+            raise InvalidArgumentError(f"{flag} must be positive, got {value}")
+
+
+def cmd_recover(args) -> int:
+    """Distil a pruned or compacted model towards the dense teacher; write it with report.json."""
+    import json
+
+    import jax
+    from rich.console import Console
+    from rich.table import Table
+
+    from jaxprune.data.text import CALIBRATION_TEXTS, calibration_windows, eval_windows, read_text
+    from jaxprune.evaluation.perplexity import perplexity
+    from jaxprune.io.export import load_masks, save
+    from jaxprune.io.resolve import load, tokenizer
+    from jaxprune.structured.units import non_embedding_params
+    from jaxprune.training.distill import distill
+
+    _check_recover_args(args)
+    console = Console(stderr=True)
+    out = _check_out(args)
+    timings = {}
+    t = time.perf_counter()
+    student, teacher, tok = load(args.model), load(args.teacher), tokenizer(args.model)
+    has_masks = os.path.isdir(args.model) and os.path.isfile(os.path.join(args.model, "masks.safetensors"))
+    masks = load_masks(args.model, student) if has_masks else None
+    timings["load_s"] = time.perf_counter() - t
+    sources = args.calib or list(CALIBRATION_TEXTS)
+    calib = calibration_windows(tok, [read_text(c) for c in sources], n=args.n_calib, seqlen=args.seqlen,
+                                seed=args.seed)
+    ev = eval_windows(tok, read_text(args.eval_text), seqlen=args.seqlen, max_windows=args.eval_windows)
+    console.print(f"[bold]{args.model}[/bold] towards [bold]{args.teacher}[/bold]: {args.steps} steps x "
+                  f"{args.batch_size} windows of {args.seqlen} tokens from {', '.join(sources)} "
+                  f"({'LoRA rank %d' % args.lora_rank if args.lora_rank else 'full weights'}"
+                  f"{', masks kept' if masks is not None else ''}"
+                  f"{', teacher top-%d' % args.top_k if args.top_k else ''}); evaluation {ev.shape[0]} x "
+                  f"{ev.shape[1]} tokens of {args.eval_text}")
+    t = time.perf_counter()
+    dense_ppl = perplexity(teacher, ev, seqlen=args.seqlen, show_progress=args.progress)
+    timings["eval_dense_s"] = time.perf_counter() - t
+
+    def show(rec):
+        if "eval_ppl" in rec:
+            console.print(f"step {rec['step']}: held-out perplexity {rec['eval_ppl']:.2f}, KL to the teacher "
+                          f"{rec['eval_kl']:.4f}" + (f", training loss {rec['loss']:.4f}" if "loss" in rec else ""))
+
+    t = time.perf_counter()
+    res = distill(student, teacher, calib, key=jax.random.key(args.seed), steps=args.steps,
+                  batch_size=args.batch_size, temperature=args.temperature, teacher_top_k=args.top_k, masks=masks,
+                  lora_rank=args.lora_rank, lr=args.lr, eval_calib=ev, eval_every=args.eval_every,
+                  checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
+                  log_every=max(1, args.steps // 500), show_progress=args.progress, callback=show)
+    jax.block_until_ready(res.params)
+    timings["train_s"] = time.perf_counter() - t
+    evals = [r for r in res.history if "eval_ppl" in r]
+    before, after = evals[0], evals[-1]
+    report = {"model": args.model, "method": "distill", "teacher": args.teacher, "seed": args.seed,
+              "training": {"steps": args.steps, "batch_size": args.batch_size, "seqlen": args.seqlen,
+                           "lora_rank": args.lora_rank, "top_k": args.top_k, "lr": args.lr,
+                           "temperature": args.temperature, "masks": masks is not None},
+              "calibration": {"sources": sources, "n": int(calib.shape[0]), "seqlen": args.seqlen},
+              "evaluation": {"text": args.eval_text, "windows": int(ev.shape[0]), "seqlen": args.seqlen},
+              "parameters": {"teacher_non_embedding": non_embedding_params(teacher),
+                             "student_non_embedding": non_embedding_params(student)},
+              "perplexity": {"dense": dense_ppl, "pruned": before["eval_ppl"], "recovered": after["eval_ppl"]},
+              "kl_to_teacher": {"pruned": before["eval_kl"], "recovered": after["eval_kl"]},
+              "resumed_from": res.resumed_from, "history": res.history, "timings": timings, "versions": _versions()}
+    save(res.params, out, masks=masks, tokenizer=tok, overwrite=args.overwrite,
+         extra_files={"report.json": json.dumps(report, indent=2)})
+    table = Table(title=f"{args.model}: recovery by distillation ({args.steps} steps)")
+    for c in ("model", "perplexity", "KL to the teacher"):
+        table.add_column(c)
+    table.add_row("teacher (dense)", f"{dense_ppl:.2f}", "0")
+    table.add_row("pruned", f"{before['eval_ppl']:.2f}", f"{before['eval_kl']:.4f}")
+    table.add_row("recovered", f"{after['eval_ppl']:.2f}", f"{after['eval_kl']:.4f}")
+    Console().print(table)
+    print(f"wrote {out} (Hugging Face checkpoint{', masks' if masks is not None else ''}, report.json); "
+          f"loss curve: jaxprune report {args.out}")
+    return 0
+
+
 def cmd_generate(args) -> int:
     import jax
 
@@ -428,7 +523,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-processes", type=int, default=None, help="multi-host: number of processes")
     p.add_argument("--process-id", type=int, default=None, help="multi-host: this process's index")
     p.set_defaults(func=cmd_prune)
-    p = sub.add_parser("report", help="plots (PNG) and a markdown summary of one or more prune runs")
+    p = sub.add_parser("recover", help="distil a pruned or compacted model towards the dense teacher")
+    p.add_argument("model", help="the pruned model: HF directory (its masks.safetensors are kept), .gguf or name")
+    p.add_argument("--teacher", required=True, help="the dense model (same tokenizer)")
+    p.add_argument("--out", required=True, help="output directory (HF checkpoint + report.json)")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=4, help="windows per step")
+    p.add_argument("--seqlen", type=int, default=256, help="tokens per window (training and evaluation)")
+    p.add_argument("--lora-rank", type=int, default=None, help="train LoRA adapters of this rank (merged at the end)")
+    p.add_argument("--top-k", type=int, default=None, help="cache the teacher's top-K logits once (bounded memory)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-4; LoRA 1e-3)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--calib", nargs="+", help="training texts (default: bundled emma, mansfieldpark)")
+    p.add_argument("--n-calib", type=int, default=256, help="training windows drawn from the texts")
+    p.add_argument("--eval-text", default="prideprejudice")
+    p.add_argument("--eval-windows", type=int, default=16)
+    p.add_argument("--eval-every", type=int, default=None, help="held-out evaluation every N steps (default steps/10)")
+    p.add_argument("--checkpoint-dir", default=None, help="orbax checkpoints; a killed run resumes from here")
+    p.add_argument("--checkpoint-every", type=int, default=None)
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bars (default: on a terminal)")
+    p.set_defaults(func=cmd_recover)
+    p = sub.add_parser("report", help="plots (PNG) and a markdown summary of one or more prune/recover runs")
     p.add_argument("runs", nargs="+", help="run directories (the --out of `jaxprune prune`, with report.json)")
     p.add_argument("--out", default=None, help="output directory (default: RUN_DIR/report of the first run)")
     p.set_defaults(func=cmd_report)

@@ -10,7 +10,9 @@ out)` turns one or more runs into PNG plots and a `report.md`:
   and FFN channels kept and the sublayers removed (structured runs);
 - `perplexity.png`: perplexity against sparsity (fraction of prunable weights, or
   of non-embedding parameters removed), one line per method and pattern, each
-  starting at the dense model.
+  starting at the dense model;
+- `loss.png` (`jaxprune recover` runs): the distillation loss and the held-out
+  perplexity (against the dense teacher's) per step.
 
 Example:
     >>> import jax, jaxprune as jp
@@ -27,6 +29,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 
 import jax
 import numpy as np
@@ -131,6 +135,10 @@ def read_run(run_dir: str) -> dict:
 
 
 def _label(r: dict) -> str:
+    if r["method"] == "distill":
+        t = r.get("training") or {}
+        return "distill" + (f" LoRA r{t['lora_rank']}" if t.get("lora_rank") else "") + (
+            f" top-{t['top_k']}" if t.get("top_k") else "")
     if "target" in r:
         return r["method"]
     return f"{r['method']} {r.get('pattern', 'unstructured')}" + (" +OWL" if r.get("owl") else "")
@@ -228,6 +236,47 @@ def _plot_layers(r: dict, path: str) -> bool:
     return True
 
 
+def _plot_training(r: dict, path: str) -> bool:
+    """A recovery run's loss curve (training loss, KL part) and held-out perplexity per step."""
+    history = r.get("history") or []
+    train = [h for h in history if "loss" in h]
+    evals = [h for h in history if "eval_ppl" in h]
+    if not train and not evals:
+        return False
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    if train:
+        steps, loss = [h["step"] for h in train], np.array([h["loss"] for h in train])
+        axes[0].plot(steps, loss, marker="." if len(train) <= 50 else None, alpha=1.0 if len(train) <= 50 else 0.35,
+                     label="loss")
+        if len(train) > 50:      # a moving average over ~1/20 of the run
+            w = max(2, len(train) // 20)
+            axes[0].plot(steps[w - 1:], np.convolve(loss, np.ones(w) / w, mode="valid"), label=f"mean of {w}")
+        if any("hidden" in h for h in train):
+            axes[0].plot([h["step"] for h in train], [h["kl"] for h in train], marker=".", label="KL part")
+        axes[0].legend(fontsize=8)
+    axes[0].set_ylabel("training loss")
+    if evals:
+        axes[1].plot([h["step"] for h in evals], [h["eval_ppl"] for h in evals], marker="o", label="student")
+        dense = (r.get("perplexity") or {}).get("dense")
+        if dense is not None:
+            axes[1].axhline(dense, color="gray", linestyle="--", label=f"teacher {dense:.2f}")
+        axes[1].legend(fontsize=8)
+    axes[1].set_ylabel("held-out perplexity")
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    name = lambda m: os.path.basename(os.path.normpath(str(m)))   # noqa: E731
+    fig.suptitle(f"{name(r.get('model'))}: {_label(r)} towards {name(r.get('teacher'))}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def _fmt(x, spec=".3f"):
     return "–" if x is None else format(x, spec)
 
@@ -244,7 +293,9 @@ def _markdown(runs: list[dict], plots: list[str]) -> str:
     lines += [""] + [f"![{os.path.splitext(p)[0]}]({p})" for p in plots]
     for r in runs:
         lines += ["", f"## {os.path.basename(r['_dir'])}", ""]
-        settings = {k: r[k] for k in ("method", "pattern", "sparsity", "target", "mode", "owl", "seed") if k in r}
+        settings = {k: r[k] for k in ("method", "pattern", "sparsity", "target", "mode", "owl", "teacher", "seed")
+                    if k in r}
+        settings.update(r.get("training") or {})
         lines.append("- settings: " + ", ".join(f"{k} = {v}" for k, v in settings.items()))
         if r.get("calibration"):
             c = r["calibration"]
@@ -252,6 +303,12 @@ def _markdown(runs: list[dict], plots: list[str]) -> str:
         if r.get("evaluation"):
             e = r["evaluation"]
             lines.append(f"- evaluation: {e.get('windows')} x {e.get('seqlen')} tokens of {e.get('text')}")
+        ppl = r.get("perplexity") or {}
+        if "recovered" in ppl:
+            kl = r.get("kl_to_teacher") or {}
+            lines.append(f"- recovery: held-out perplexity {ppl['pruned']:.2f} → {ppl['recovered']:.2f} "
+                         f"(teacher {ppl['dense']:.2f}); KL to the teacher {_fmt(kl.get('pruned'), '.4f')} → "
+                         f"{_fmt(kl.get('recovered'), '.4f')}")
         if r.get("versions"):
             lines.append("- versions: " + ", ".join(f"{k} {v}" for k, v in r["versions"].items()))
         if r.get("timings"):
@@ -284,10 +341,52 @@ def render(run_dirs, out: str | None = None) -> dict:
         raise InvalidArgumentError("report needs at least one run directory")
     runs = [read_run(d) for d in run_dirs]
     out = os.path.abspath(out or os.path.join(runs[0]["_dir"], "report"))
-    try:
-        os.makedirs(out, exist_ok=True)
+    existed = os.path.isdir(out)
+    try:   # written into a hidden sibling, then moved into place: never a half-written report
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".tmp-{os.path.basename(out)}-", dir=os.path.dirname(out))
     except OSError as e:
         raise CheckpointError(f"cannot write the report to {out}: {e.strerror}") from None
+    try:
+        files = _render_into(tmp, runs)
+        _move_into_place(tmp, out, files, existed)
+    except OSError as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"cannot write the report to {out}: {e}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {"dir": out, "markdown": os.path.join(out, "report.md"),
+            "plots": [os.path.join(out, p) for p in files[:-1]]}
+
+
+def _move_into_place(tmp: str, out: str, files: list[str], existed: bool) -> None:
+    """A new `out` is the finished `tmp` renamed (all or nothing; if another process created `out`
+    meanwhile, CheckpointError); into an `out` that existed each file is renamed over its old
+    version, report.md last."""
+    if not existed:
+        os.chmod(tmp, 0o777 & ~_umask())
+        if os.path.lexists(out):
+            raise CheckpointError(f"{out} was created by another process while this report was rendered")
+        try:
+            os.rename(tmp, out)
+            return
+        except OSError:
+            if not os.path.lexists(out):
+                raise
+            raise CheckpointError(f"{out} was created by another process while this report was rendered") from None
+    for f in files:
+        os.replace(os.path.join(tmp, f), os.path.join(out, f))
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _render_into(out: str, runs: list[dict]) -> list[str]:
+    """Write the plots and report.md into `out`; their names, report.md last."""
     plots = []
     if _plot_perplexity(runs, os.path.join(out, "perplexity.png")):
         plots.append("perplexity.png")
@@ -295,10 +394,12 @@ def render(run_dirs, out: str | None = None) -> dict:
         name = "layers.png" if len(runs) == 1 else f"layers-{k}-{os.path.basename(r['_dir'])}.png"
         if _plot_layers(r, os.path.join(out, name)):
             plots.append(name)
-    md = os.path.join(out, "report.md")
-    with open(md, "w") as f:
+        name = "loss.png" if len(runs) == 1 else f"loss-{k}-{os.path.basename(r['_dir'])}.png"
+        if _plot_training(r, os.path.join(out, name)):
+            plots.append(name)
+    with open(os.path.join(out, "report.md"), "w") as f:
         f.write(_markdown(runs, plots))
-    return {"dir": out, "markdown": md, "plots": [os.path.join(out, p) for p in plots]}
+    return plots + ["report.md"]
 
 
 __all__ = ["layer_statistics", "read_run", "removed_units", "render"]

@@ -25,7 +25,7 @@ import pytest
 import jaxprune as jp
 from jaxprune.sparsity import masks as M
 from jaxprune.cli import main
-from jaxprune.errors import CheckpointError, DataError, InvalidArgumentError
+from jaxprune.errors import CheckpointError, DataError, InvalidArgumentError, UnsupportedModelError
 from jaxprune.oneshot.streaming import prune_streaming
 from jaxprune.data.tokenization import Tokenizer
 
@@ -139,6 +139,12 @@ def cli(*argv):
     if code:
         raise CLIExit(code, err.getvalue())
     return code
+
+
+def opt_params():
+    """A 1-layer OPT (a family GGUF export does not write)."""
+    return jp.init(jp.OPTConfig(vocab_size=64, hidden_size=16, ffn_dim=32, num_hidden_layers=1,
+                                num_attention_heads=2, max_position_embeddings=32), jax.random.key(0))
 
 
 def report_dir(tmp, text):
@@ -264,6 +270,18 @@ CASES = [
      InvalidArgumentError, r"keep_masked: .*\['up_proj'\]\['kernel'\] has shape \(64, 32\)"),
     ("keep-masked-not-bool", lambda e, t: jp.keep_masked(float_masks(e)),
      InvalidArgumentError, r"keep_masked: mask \[.*\] must be boolean \(True = keep\)"),
+    # distillation (jp.distill)
+    ("distill-no-key", lambda e, t: jp.distill(e.params, e.params, e.calib, steps=2),
+     InvalidArgumentError, r"distill draws batches \(and LoRA adapters\): pass key=jax.random.key\(seed\)"),
+    ("distill-vocab-mismatch",
+     lambda e, t: jp.distill(e.params.replace(config=type(e.params.config)(**{**vars(e.params.config), "vocab_size": 80})),
+                             e.params, e.calib, key=jax.random.key(0)),
+     InvalidArgumentError, r"student and teacher vocabularies differ: 80 vs 64 tokens"),
+    ("distill-hidden-width-mismatch",
+     lambda e, t: jp.distill(e.other, e.params, e.calib, key=jax.random.key(0), hidden_weight=1.0),
+     InvalidArgumentError, r"the hidden-state loss needs equal widths: student hidden size 16, teacher 32"),
+    ("distill-steps-zero", lambda e, t: jp.distill(e.params, e.params, e.calib, key=jax.random.key(0), steps=0),
+     InvalidArgumentError, r"steps must be a positive integer, got 0"),
     ("save-masks-wrong-shape", lambda e, t: jp.save(e.params, str(t / "out"), masks=transposed_mask(e)),
      InvalidArgumentError, r"masks must be shaped like params .*has shape \(64, 32\)"),
     ("save-masks-not-bool", lambda e, t: jp.save(e.params, str(t / "out"), masks=float_masks(e)),
@@ -323,6 +341,23 @@ CASES = [
      CheckpointError, r"already exists; pass overwrite=True to replace it"),
     ("save-checkpoint-output-unwritable", lambda e, t: jp.save_checkpoint(os.path.join(e.file, "out"), e.params),
      CheckpointError, r"cannot write to .*file\.txt"),
+    ("save-format-unknown", lambda e, t: jp.save(e.params, str(t / "out"), format="onnx"),
+     InvalidArgumentError, r"format must be one of \('hf', 'gguf'\) \(or None: from the path\), got 'onnx'"),
+    ("save-hf-dtype", lambda e, t: jp.save(e.params, str(t / "out"), dtype="float16"),
+     InvalidArgumentError, r"dtype= applies to GGUF files \(format='gguf'\)"),
+    ("save-gguf-not-llama", lambda e, t: jp.save(opt_params(), str(t / "out.gguf")),
+     UnsupportedModelError, r"GGUF export writes Llama models \(arch 'llama'\); got arch 'opt'"),
+    ("save-gguf-dtype-unknown", lambda e, t: jp.save(e.params, str(t / "out.gguf"), dtype="int8"),
+     InvalidArgumentError, r"GGUF dtype must be one of float32, float16, bfloat16, got 'int8'"),
+    ("save-gguf-masks", lambda e, t: jp.save(e.params, str(t / "out.gguf"), masks=e.masks),
+     InvalidArgumentError, r"a GGUF file holds no masks or extra files"),
+    ("save-gguf-tokenizer-not-bpe", lambda e, t: jp.save(e.params, str(t / "out.gguf"), tokenizer=e.tok),
+     UnsupportedModelError,
+     r"GGUF export writes byte-level BPE tokenizers \(llama.cpp's 'gpt2'\); this one is 'WordLevel'"),
+    ("save-gguf-output-exists", lambda e, t: jp.save(e.params, e.file, format="gguf"),
+     CheckpointError, r"file\.txt already exists; pass overwrite=True \(CLI: --overwrite\) to replace it"),
+    ("save-gguf-output-is-directory", lambda e, t: jp.save(e.params, e.root, format="gguf", overwrite=True),
+     CheckpointError, r"is a directory; a GGUF file needs a file path"),
     # reports
     ("report-no-report-json", lambda e, t: jp.report.render(str(t)),
      CheckpointError, r"no report.json \(is it the --out directory of `jaxprune prune`\?\)"),
@@ -344,6 +379,8 @@ CASES = [
     ("cli-target-out-of-range", lambda e, t: cli("prune", e.hf, "--method", "bonsai", "--target", "1.5",
                                                  "--out", t / "out"),
      CLIExit, r"jaxprune: error: --method bonsai needs --target, a fraction in \(0, 1\)"),
+    ("cli-recover-steps-zero", lambda e, t: cli("recover", e.hf, "--teacher", e.hf, "--out", t / "out", "--steps", "0"),
+     CLIExit, r"jaxprune: error: --steps must be a positive integer, got 0"),
     ("cli-output-exists", lambda e, t: cli("prune", e.hf, "--out", e.root),
      CLIExit, r"jaxprune: error: .* already exists; pass --overwrite to replace it"),
     ("cli-output-unwritable", lambda e, t: cli("prune", e.hf, "--out", os.path.join(e.file, "out")),
@@ -370,10 +407,13 @@ def test_rejected(call, error, message, env, tmp_path):
 
 
 def doc_rows() -> dict[str, str]:
-    """id -> error-type cell of every row of the table in docs/errors.md."""
+    """id -> error-type cell of every row of the table in docs/errors.md (the "Hostile files and
+    faults" section after it is kept in sync by tests/test_hostile_files.py)."""
     rows = {}
     with open(DOC) as f:
         for line in f:
+            if line.startswith("## Hostile files and faults"):
+                break
             m = re.match(r"\|\s*`([a-z0-9-]+)`\s*\|(.*?)\|\s*(.*?)\s*\|", line)
             if m:
                 assert m.group(1) not in rows, f"duplicate id {m.group(1)} in docs/errors.md"
