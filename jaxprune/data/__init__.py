@@ -11,6 +11,7 @@ from jaxprune.data.text import (
     calibration_windows,
 )
 from jaxprune.data.tokenization import (
+    CharTokenizer,
     Tokenizer,
     from_gguf,
     from_directory,

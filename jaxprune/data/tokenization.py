@@ -111,3 +111,26 @@ def _token_id(value):
     if isinstance(value, list):
         return value if value and len(value) <= 64 and all(ok(v) for v in value) else None
     return value if ok(value) else None
+
+
+class CharTokenizer:
+    """A toy tokenizer for examples and tests: one token per character, ``ord(c) % vocab_size``
+    (``ord(c)`` when `vocab_size` is None); decoding maps id i to the letter ``"a" + i % 26``, so
+    it is not an inverse. BOS is 1 and EOS 2, as in many real vocabularies.
+
+    Example:
+        >>> tok = CharTokenizer(32)
+        >>> tok.encode("ab "), tok.decode([0, 1, 27]), tok.eos_token_id
+        ([1, 2, 0], 'abb', 2)
+    """
+
+    bos_token_id, eos_token_id = 1, 2
+
+    def __init__(self, vocab_size: int | None = None):
+        self.vocab_size = vocab_size
+
+    def encode(self, text: str) -> list[int]:
+        return [ord(c) % self.vocab_size if self.vocab_size else ord(c) for c in text]
+
+    def decode(self, ids) -> str:
+        return "".join(chr(97 + int(i) % 26) for i in ids)

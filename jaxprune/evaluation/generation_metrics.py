@@ -109,12 +109,10 @@ def hidden_state_embedder(params: Params, tok, max_length: int = 256, batch_size
 
     Example:
         >>> import jax, jaxprune as jp
-        >>> class Chars:
-        ...     bos_token_id, eos_token_id = 1, 2
-        ...     def encode(self, s): return [ord(c) % 32 for c in s]
+        >>> tok = jp.data.CharTokenizer(32)
         >>> cfg = jp.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
         ...                      num_hidden_layers=1, num_attention_heads=2)
-        >>> hidden_state_embedder(jp.init(cfg, jax.random.key(0)), Chars())(["a cat", "a"]).shape
+        >>> hidden_state_embedder(jp.init(cfg, jax.random.key(0)), tok)(["a cat", "a"]).shape
         (2, 16)
     """
     _check_params(params, gates)
@@ -164,13 +162,10 @@ def evaluate_generation(params: Params, tok, prompts, references, max_new_tokens
 
     Example:
         >>> import jax, jaxprune as jp
-        >>> class Chars:
-        ...     bos_token_id, eos_token_id = 1, 2
-        ...     def encode(self, s): return [ord(c) % 32 for c in s]
-        ...     def decode(self, ids): return "".join(chr(97 + i % 26) for i in ids)
+        >>> tok = jp.data.CharTokenizer(32)
         >>> cfg = jp.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
         ...                      num_hidden_layers=1, num_attention_heads=2)
-        >>> m = evaluate_generation(jp.init(cfg, jax.random.key(0)), Chars(), ["a cat"], ["sat"], max_new_tokens=4)
+        >>> m = evaluate_generation(jp.init(cfg, jax.random.key(0)), tok, ["a cat"], ["sat"], max_new_tokens=4)
         >>> sorted(k for k in m if k.startswith("rouge")), m["n"]
         (['rouge1', 'rouge2', 'rougeL'], 1)
     """

@@ -86,12 +86,11 @@ def encode_pair(tok, context: str, continuation: str, prefix: int | None = None)
     continuation itself starts with that token.
 
     Example:
-        >>> class Chars:                                   # one token per character
-        ...     bos_token_id, eos_token_id = 1, 2
-        ...     def encode(self, s): return [ord(c) for c in s]
-        >>> encode_pair(Chars(), "ab ", "c")
+        >>> from jaxprune.data import CharTokenizer
+        >>> tok = CharTokenizer()                        # one token per character: its code point
+        >>> encode_pair(tok, "ab ", "c")
         ([97, 98], [32, 99])
-        >>> encode_pair(Chars(), "", "c")
+        >>> encode_pair(tok, "", "c")
         ([1], [99])
     """
     if not isinstance(context, str) or not isinstance(continuation, str):
@@ -220,13 +219,10 @@ def loglikelihoods(params: Params, tok, requests, batch_size: int = 8, max_lengt
 
     Example:
         >>> import jax, jaxprune as jp
-        >>> class Chars:
-        ...     bos_token_id, eos_token_id = 1, 2
-        ...     def encode(self, s): return [ord(c) % 32 for c in s]
-        ...     def decode(self, ids): return "".join(chr(97 + i % 26) for i in ids)
+        >>> tok = jp.data.CharTokenizer(32)
         >>> cfg = jp.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
         ...                      num_hidden_layers=1, num_attention_heads=2)
-        >>> out = loglikelihoods(jp.init(cfg, jax.random.key(0)), Chars(), [("ab", " c"), ("", "d")])
+        >>> out = loglikelihoods(jp.init(cfg, jax.random.key(0)), tok, [("ab", " c"), ("", "d")])
         >>> [type(v).__name__ for v in out[0]]
         ['float', 'bool']
     """
@@ -277,13 +273,10 @@ def rolling_loglikelihoods(params: Params, tok, texts, batch_size: int = 8, max_
 
     Example:
         >>> import jax, jaxprune as jp
-        >>> class Chars:
-        ...     bos_token_id, eos_token_id = 1, 2
-        ...     def encode(self, s): return [ord(c) % 32 for c in s]
-        ...     def decode(self, ids): return ""
+        >>> tok = jp.data.CharTokenizer(32)
         >>> cfg = jp.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
         ...                      num_hidden_layers=1, num_attention_heads=2)
-        >>> len(rolling_loglikelihoods(jp.init(cfg, jax.random.key(0)), Chars(), ["abc", "de"], max_length=2))
+        >>> len(rolling_loglikelihoods(jp.init(cfg, jax.random.key(0)), tok, ["abc", "de"], max_length=2))
         2
     """
     _check_tokenizer(tok, decode=False)

@@ -242,12 +242,10 @@ def last_word_scores(params, tok, examples, batch_size: int = 8, max_length: int
 
     Example:
         >>> import jax, jaxprune as jp
-        >>> class Chars:
-        ...     bos_token_id, eos_token_id = 1, 2
-        ...     def encode(self, s): return [ord(c) % 32 for c in s]
+        >>> tok = jp.data.CharTokenizer(32)
         >>> cfg = jp.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
         ...                      num_hidden_layers=1, num_attention_heads=2)
-        >>> lp, ok = last_word_scores(jp.init(cfg, jax.random.key(0)), Chars(), [LastWordExample("a cat", "cat")])
+        >>> lp, ok = last_word_scores(jp.init(cfg, jax.random.key(0)), tok, [LastWordExample("a cat", "cat")])
         >>> lp.shape, ok.shape
         ((1,), (1,))
     """
@@ -341,13 +339,11 @@ def choice_scores(params, tok, examples, batch_size: int = 8, max_length: int | 
 
     Example:
         >>> import jax, jaxprune as jp
-        >>> class Chars:
-        ...     bos_token_id, eos_token_id = 1, 2
-        ...     def encode(self, s): return [ord(c) % 32 for c in s]
+        >>> tok = jp.data.CharTokenizer(32)
         >>> cfg = jp.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
         ...                      num_hidden_layers=1, num_attention_heads=2)
         >>> ex = [ContinuationExample("It rained.", ("Then sun.", "A cat sat."), 0)]
-        >>> choice_scores(jp.init(cfg, jax.random.key(0)), Chars(), ex)["logprob"].shape
+        >>> choice_scores(jp.init(cfg, jax.random.key(0)), tok, ex)["logprob"].shape
         (1, 2)
     """
     examples = _check_examples(examples, ContinuationExample)

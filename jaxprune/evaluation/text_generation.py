@@ -107,13 +107,10 @@ def greedy_until(params: Params, tok, prompts, max_new_tokens: int, until=(), ba
 
     Example:
         >>> import jax, jaxprune as jp
-        >>> class Chars:
-        ...     bos_token_id, eos_token_id = 1, 2
-        ...     def encode(self, s): return [ord(c) % 32 for c in s]
-        ...     def decode(self, ids): return "".join("ab"[i % 2] for i in ids)
+        >>> tok = jp.data.CharTokenizer(32)
         >>> cfg = jp.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
         ...                      num_hidden_layers=1, num_attention_heads=2)
-        >>> texts = greedy_until(jp.init(cfg, jax.random.key(0)), Chars(), ["hello"], 8, until=["b"])
+        >>> texts = greedy_until(jp.init(cfg, jax.random.key(0)), tok, ["hello"], 8, until=["b"])
         >>> "b" in texts[0]
         False
     """
