@@ -415,8 +415,15 @@ def global_masks(score_tree, sparsity: float):
     return jax.tree.unflatten(treedef, out)
 
 
+@jax.jit
+def _ones_like_tree(params):
+    return jax.tree.map(lambda p: jnp.ones(jnp.shape(p), bool), params)
+
+
 def full_masks(params):
-    """All-keep masks shaped like `params`."""
+    """All-keep masks shaped like `params` (one compiled call for the whole tree, not one per leaf)."""
+    if all(isinstance(x, jax.Array) for x in jax.tree.leaves(params)):
+        return _ones_like_tree(params)
     return jax.tree.map(lambda p: jnp.ones(jnp.shape(p), bool), params)
 
 
