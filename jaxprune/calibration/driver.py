@@ -50,6 +50,22 @@ def _trim_heap() -> None:
 
 _LIBC = None
 
+# A layer's temporaries are returned to the OS eagerly (a full cycle collection: ~0.1-1 s in a big
+# process) only when the layer holds at least this many bytes; below it they are too small to matter.
+COLLECT_ABOVE_BYTES = 32 << 20
+
+
+def layer_bytes(lp) -> int:
+    """Bytes held by a layer's arrays."""
+    return sum(int(np.prod(np.shape(x))) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(lp))
+
+
+def collect_if_large(nbytes: int) -> None:
+    """gc.collect() and glibc's malloc_trim(0) when `nbytes` (the layer's) reaches COLLECT_ABOVE_BYTES."""
+    if nbytes >= COLLECT_ABOVE_BYTES:
+        gc.collect()
+        _trim_heap()
+
 
 def _family_layer(config, lp, x, ctx, kg, layer_type):
     kw = {} if layer_type is None else {"layer_type": layer_type}
@@ -147,7 +163,7 @@ class LayerPruner:
         out = []
         for x in X:
             out.append(self._pass(_run_jit, _apply_layer, lp, x, ctx, kg, layer_type=layer_type))
-            self._collect()
+            self._collect(lp)
         return out
 
     def stats(self, lp, X: list, ctx, kg, with_output: bool = False, layer_type=None):
@@ -164,7 +180,7 @@ class LayerPruner:
             else:
                 st = self._pass(_stats_only_jit, _stats_only, lp, x, ctx, kg, kind=self.kind, layer_type=layer_type)
             total = st if total is None else jax.tree.map(jnp.add, total, st)
-            self._collect()
+            self._collect(lp)
         return (outs if with_output else None), total
 
     def prune(self, lp, stats: dict, count, sparsity: float, take_mask=None):
@@ -183,16 +199,15 @@ class LayerPruner:
                 take_mask(path, keep)
             del keep
             lp = set_path(lp, path, new)
-            self._collect()
+            self._collect(lp)
         return lp, masks
 
-    def _collect(self):
+    def _collect(self, lp):
         """In the low-memory configuration, return finished calls' temporaries now: on CPU they are
         released only when Python's cycle collector runs, and freed heap pages stay with the
-        process until glibc is asked to trim them."""
+        process until glibc is asked to trim them (skipped for small layers: `collect_if_large`)."""
         if self.donate or not self.jit_passes:
-            gc.collect()
-            _trim_heap()
+            collect_if_large(layer_bytes(lp))
 
     def step(self, lp, X: list, ctx, kg, sparsity: float, target: frozenset, count, take_mask=None,
              layer_type=None):
@@ -212,8 +227,10 @@ class LayerPruner:
             return new_lp, masks, list(jnp.split(Y, np.cumsum(sizes)[:-1]))
         Y, stats = self.stats(lp, X, ctx, kg, with_output=(self.mode == "dense"), layer_type=layer_type)
         new_lp, masks = self.prune(lp, {p: v for p, v in stats.items() if p in target}, count, sparsity, take_mask)
+        nbytes = layer_bytes(lp)
         del lp, stats
-        self._collect()
+        if self.donate or not self.jit_passes:
+            collect_if_large(nbytes)
         return new_lp, masks, (self.run(new_lp, X, ctx, kg, layer_type) if self.mode == "sequential" else Y)
 
 

@@ -35,7 +35,6 @@ Example:
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import json
 import os
@@ -46,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprune import models
-from jaxprune.calibration.driver import LayerPruner, embed_chunks
+from jaxprune.calibration.driver import LayerPruner, collect_if_large, embed_chunks
 from jaxprune.io.export import load_masks  # noqa: F401  (re-exported: masks beside a streamed output)
 from jaxprune.core.checks import check_tokens
 from jaxprune.errors import CheckpointError, InvalidArgumentError
@@ -246,7 +245,8 @@ def _run(source, out, work, config, tokens, files, mask_files, fingerprint, over
         save_state(state, state_path)
         if i >= 1 and os.path.exists(os.path.join(work, activations_file(i - 1))):
             os.remove(os.path.join(work, activations_file(i - 1)))
-        gc.collect()   # the traced layer's reference cycles would otherwise keep its buffers alive
+        # the traced layer's reference cycles would otherwise keep its buffers alive (small layers: skip)
+        collect_if_large(os.path.getsize(os.path.join(work, files[i])))
         if on_layer is not None:
             on_layer(i)
 
