@@ -7,7 +7,9 @@ for statistics, pruning, then a second pass of the pruned layer for the next
 layer's input. Wanda keeps a running mean of squared input norms per feature and
 prunes the first int(in * s) of a stable ascending sort per output row (N:M:
 the N smallest of each group of M); SparseGPT accumulates H = 2/n sum x x^T and
-runs the blocked OBS solver. Returns the pruned `transformers` model.
+runs the blocked OBS solver. Magnitude needs no calibration: per weight matrix, the
+threshold is the int(numel * s)-th entry of a sort of |W| (N:M: the N largest |W| of each
+group of M). Returns the pruned `transformers` model.
 """
 
 from __future__ import annotations
@@ -82,8 +84,22 @@ def _sparsegpt(W, H, sparsity, nm, blocksize=128, percdamp=0.01):
     return W
 
 
+def _magnitude_mask(W, sparsity, nm):
+    metric = W.abs()
+    if nm:
+        return _wanda_mask(W, torch.ones(W.shape[1], dtype=W.dtype), sparsity, nm)
+    thresh = torch.sort(metric.flatten())[0][int(W.numel() * sparsity)]
+    return metric <= thresh
+
+
 def prune(model, calib, method: str, sparsity: float = 0.5, nm=None):
-    """Prune `model` (a transformers Llama) in place; `calib` int64 [n, seqlen]."""
+    """Prune `model` (a transformers Llama) in place; `calib` int64 [n, seqlen] (unused by magnitude)."""
+    if method == "magnitude":
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for m in _linears(layer).values():
+                    m.weight[_magnitude_mask(m.weight, sparsity, nm)] = 0
+        return model
     inps, emb, pos = _layer_inputs(model, calib)
     for layer in model.model.layers:
         lin = _linears(layer)

@@ -55,6 +55,44 @@ def test_per_layer_selection_matches_numpy(scores, sparsity):
     np.testing.assert_array_equal(got.ravel(), np_keep_top(scores.ravel(), keep, 0))
 
 
+signed_2d = st.tuples(st.integers(1, 12), st.integers(1, 6)).flatmap(
+    lambda s: arrays(np.float32, s, elements=st.sampled_from([-3.0, -0.0, 0.0, 0.5, 1.0, 2.0, -2.0, 7.5])))
+
+
+@given(signed_2d, st.floats(0, 1.0), st.booleans())
+@settings(max_examples=40, deadline=None)
+def test_host_selection_matches_numpy(scores, keep_share, flat):
+    """keep_top_host (numpy introselect, the CPU path) keeps what the compiled keep_top keeps, and,
+    -0 being ordered below +0 by both, what the plain sort keeps once -0 reads as +0."""
+    if flat:
+        scores = scores.ravel()
+    axis = 0 if scores.ndim == 2 else -1
+    keep = int(round(keep_share * scores.shape[axis]))
+    got = M.keep_top_host(scores, keep, axis=axis)
+    np.testing.assert_array_equal(got, np.asarray(M.keep_top(jnp.asarray(scores), keep, axis=axis)))
+    if not np.any(np.signbit(scores) & (scores == 0)):
+        np.testing.assert_array_equal(got, np_keep_top(scores, keep, axis))
+
+
+@pytest.mark.parametrize("scope", ["layer", "row"])
+def test_magnitude_host_path_equals_compiled_path(scope):
+    """On the CPU jp.magnitude selects with numpy; the masks equal the compiled selection's, on
+    quantized-looking weights with many ties."""
+    import jax
+    cfg = jp.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    params = jp.init(cfg, jax.random.key(0))
+    params = jax.tree.map(lambda w: jnp.round(w * 8) / 8, params)   # few distinct values: many ties
+    got = jp.magnitude(params, 0.5, scope=scope)
+    from jaxprune.oneshot.pruning import _magnitude_select
+    from jaxprune.core.params import get_path
+    for path in [("layers", 0, "mlp", "down_proj", "kernel"), ("layers", 1, "self_attn", "k_proj", "kernel")]:
+        k = get_path(params.tree, path)
+        n = k.shape[0] if scope == "row" else k.size
+        want = _magnitude_select(k, M.n_pruned(n, 0.5), nm=None, scope=scope)
+        np.testing.assert_array_equal(np.asarray(get_path(got.tree, path)), np.asarray(want))
+
+
 @given(st.sampled_from([(1, 2), (2, 4), (4, 8), (1, 4), (3, 4)]), st.integers(1, 4), st.integers(1, 5), st.data())
 @settings(max_examples=25, deadline=None)
 def test_nm_keeps_exactly_n_in_every_group(nm, groups, n_out, data):

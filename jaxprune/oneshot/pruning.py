@@ -28,7 +28,9 @@ from jaxprune.calibration.capture import path_key, plain_path
 from jaxprune.calibration.driver import prune_counts, prune_layer, run_layerwise
 from jaxprune.core.checks import check_tokens
 from jaxprune.errors import DataError, InvalidArgumentError, check_int
-from jaxprune.sparsity.masks import check_sparsity, full_masks, global_masks, group_size, n_pruned, parse_pattern, select_count
+from jaxprune.sparsity.masks import (check_sparsity, full_masks, global_masks, group_size, host_view, keep_top_host, n_pruned,
+                                     on_host,
+                                     parse_pattern, select_count)
 from jaxprune.core.params import Params, get_path, set_path
 from jaxprune.models.stacking import require_layer_list
 from jaxprune.sparsity.sparsegpt import block_counts, solve
@@ -245,6 +247,19 @@ def _magnitude_select(kernel, n_prune, nm, scope):
     return select_count(criteria.magnitude(kernel), n_prune, nm, scope)
 
 
+def _magnitude_select_host(kernel, n_prune: int, scope: str):
+    """`_magnitude_select` (unstructured) for a kernel on the CPU, selected by numpy: the same mask."""
+    w = host_view(kernel)
+    if w.dtype != np.float32:
+        w = w.astype(np.float32)
+    key = np.ascontiguousarray(w).view(np.int32) & np.int32(0x7FFFFFFF)   # _sortable_key(|w|)
+    if scope == "row" and w.ndim == 2:
+        keep = keep_top_host(None, w.shape[0] - n_prune, axis=0, key=key)
+    else:
+        keep = keep_top_host(None, w.size - n_prune, key=key.reshape(-1)).reshape(w.shape)
+    return jnp.asarray(keep)
+
+
 @partial(jax.jit, static_argnames="sparsity")
 def _global_magnitude(kernels: dict, sparsity: float):
     return global_masks({k: criteria.magnitude(v) for k, v in kernels.items()}, sparsity)
@@ -280,7 +295,9 @@ def magnitude(params: Params, sparsity: float = 0.5, pattern=None, scope: str = 
         keep = _global_magnitude({path_key(p): k for p, k in kernels.items()}, sparsity)
         chosen = {p: keep[path_key(p)] for p in kernels}
     else:
-        chosen = {p: _magnitude_select(k, n_pruned(group_size(k.shape, scope), sparsity), nm=nm, scope=scope)
+        chosen = {p: _magnitude_select_host(k, n_pruned(group_size(k.shape, scope), sparsity), scope)
+                  if nm is None and on_host(k) else
+                  _magnitude_select(k, n_pruned(group_size(k.shape, scope), sparsity), nm=nm, scope=scope)
                   for p, k in kernels.items()}
     masks = full_masks(params)
     return _like(jax.tree_util.tree_map_with_path(lambda kp, m: chosen.get(plain_path(kp), m), masks), params)

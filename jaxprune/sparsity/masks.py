@@ -160,6 +160,68 @@ def keep_top(scores, keep, axis: int = -1):
     return jnp.moveaxis(~prune, -1, axis)
 
 
+def on_host(x) -> bool:
+    """True for numpy arrays and for jax arrays held whole by one CPU device: selections over those
+    run on the host (`keep_top_host`), where numpy's introselect beats a compiled bisection."""
+    if isinstance(x, np.ndarray):
+        return True
+    if not isinstance(x, jax.Array) or isinstance(x, jax.core.Tracer):
+        return False
+    try:
+        devices = x.devices()
+    except Exception:   # deleted or otherwise unreadable arrays: leave them to the compiled path
+        return False
+    return len(devices) == 1 and next(iter(devices)).platform == "cpu" and x.is_fully_addressable
+
+
+def host_view(x) -> np.ndarray:
+    """A read-only numpy view of a host array (no copy for a CPU jax array)."""
+    if isinstance(x, jax.Array):
+        try:
+            return np.from_dlpack(x)
+        except Exception:   # dtypes numpy's DLPack import lacks (bfloat16): a copy
+            return np.asarray(x)
+    return np.asarray(x)
+
+
+def keep_top_host(scores, keep: int, axis: int = -1, key=None) -> np.ndarray:
+    """`keep_top` on the host: the same mask (same count, same tie rule: among equal scores the lower
+    index is pruned), found by numpy's introselect (`np.partition`, O(n)) instead of 32 compiled
+    bisection passes: several times faster on a CPU. `keep` is a Python int; `key` (optional) the
+    scores' `_sortable_key` as int32, when the caller has it cheaper.
+
+    Example:
+        >>> keep_top_host(np.array([3., 1., 2., 1.]), 2).tolist()
+        [True, False, True, False]
+    """
+    shape = np.shape(scores) if key is None else np.shape(key)
+    if key is None:
+        x = np.ascontiguousarray(np.moveaxis(np.asarray(scores, np.float32), axis, -1))
+        bits = x.view(np.int32)
+        key = bits ^ ((bits >> 31) & np.int32(0x7FFFFFFF))   # as _sortable_key
+    else:
+        key = np.moveaxis(key, axis, -1)
+    n = key.shape[-1]
+    n_prune = n - int(keep)
+    if n == 0 or n_prune <= 0:
+        return np.ones(shape, bool)
+    v = np.partition(key, n_prune - 1, axis=-1)[..., n_prune - 1:n_prune]
+    if key.ndim == 1:
+        kept = key > v
+        ties = np.flatnonzero(key == v)
+        need = n_prune - (n - int(np.count_nonzero(kept)) - len(ties))   # ties to prune, lowest index first
+        kept[ties[need:]] = True
+        return kept
+    prune = key <= v
+    extra = prune.sum(axis=-1, keepdims=True) - n_prune   # ties at v beyond the count: keep the highest
+    if np.any(extra):
+        eq = key == v
+        n_eq = eq.sum(axis=-1, keepdims=True)
+        upto = np.cumsum(eq, axis=-1)
+        prune &= ~(eq & (upto > n_eq - extra))
+    return np.moveaxis(~prune, -1, axis)
+
+
 TORCH_TIES_MAX_M = 16  # N:M groups up to this size replay torch's CPU topk; larger ones use keep_top
 
 
