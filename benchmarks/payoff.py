@@ -1,13 +1,15 @@
 """The whole journey on SmolLM2: structured pruning -> compact -> distillation -> GGUF -> llama.cpp.
 
-    python -m benchmarks.payoff [--levels 0.2,0.3] [--methods finercut,bonsai,l0] [--steps 200]
+    python -m benchmarks.payoff [--levels 0.2,0.3] [--methods finercut,bonsai,l0,ffn] [--steps 48]
                                 [--batch-size 8] [--seqlen 128] [--top-k 64] [--work runs/payoff]
 
 1. Prune SmolLM2-135M-Instruct (float32) to each level of non-embedding parameters removed with
    FinerCut (2 calibration windows of 128 tokens, as benchmarks/structured.py), Bonsai (32
-   sub-models per round, rounds of 5%, 4 x 128 calibration tokens) and L0 (gates only, the
-   weights untouched, 200 steps x 4 x 128 training tokens); calibration from emma +
-   mansfieldpark (seed 0; L0's training windows seed 1). `jaxprune.compact` each.
+   sub-models per round, rounds of 5%, 4 x 128 calibration tokens), L0 (gates only, the
+   weights untouched, 200 steps x 4 x 128 training tokens) and, as the uniform baseline that
+   llama.cpp's plain `llama` architecture runs, FFN channels by Bonsai's prior alone (the same
+   share of every layer's channels, lowest activation x weight norm first); calibration from
+   emma + mansfieldpark (seed 0; L0's training windows seed 1). `jaxprune.compact` each.
 2. Recover every compacted model by distillation from the dense model (`jaxprune.distill`: KL on
    next-token distributions, the teacher's top-K cached once for all students, full weights,
    AdamW), on random 128-token windows of emma + mansfieldpark (seed 1); the held-out windows
@@ -46,6 +48,13 @@ from jaxprune.generation import decode
 from jaxprune.structured import non_embedding_params
 
 PROMPT, NEW = 128, 128
+LABELS = {"finercut": "FinerCut", "bonsai": "Bonsai", "l0": "L0 (gates only)", "ffn": "FFN prior (uniform)"}
+
+
+def label(name: str) -> str:
+    """'finercut-30%' -> 'FinerCut 30%'; other names unchanged."""
+    method, _, level = name.rpartition("-")
+    return f"{LABELS[method]} {level}" if method in LABELS else name
 
 
 # ---------------------------------------------------------------- cache
@@ -97,19 +106,20 @@ def prune_all(work, params, calib, train, levels, methods, l0_steps):
         return f, os.path.exists(f) and work.get(f"prune/{method}/{level:.2f}")
 
     top = max(levels)
-    if "bonsai" in methods:
-        if not all(cached("bonsai", lv)[1] for lv in levels):
+    bonsai_runs = {"bonsai": dict(n_samples=32, key=jax.random.key(0)),          # heads and FFN channels
+                   "ffn": dict(n_samples=0, kinds=("ffn",))}                     # prior alone: uniform FFN widths
+    for method, options in bonsai_runs.items():
+        if method in methods and not all(cached(method, lv)[1] for lv in levels):
             t = time.perf_counter()
-            log = lambda r: print(f"  bonsai round {r['round'] + 1}: {r['removed_fraction']:.3f} removed, "
+            log = lambda r: print(f"  {method} round {r['round'] + 1}: {r['removed_fraction']:.3f} removed, "
                                   f"{r['seconds']:.0f}s", flush=True)
-            res = jp.bonsai(params, calib, target=top, n_samples=32, key=jax.random.key(0),
-                            show_progress=False, callback=log)
+            res = jp.bonsai(params, calib, target=top, show_progress=False, callback=log, **options)
             seconds = time.perf_counter() - t
             for lv in levels:
                 gates, rec = snapshot_at(res.history, lv)
-                save_gates(cached("bonsai", lv)[0], gates)
+                save_gates(cached(method, lv)[0], gates)
                 upto = sum(r["seconds"] for r in res.history if r["round"] <= rec["round"])
-                work.put(f"prune/bonsai/{lv:.2f}", {"seconds": upto, "run_seconds": seconds})
+                work.put(f"prune/{method}/{lv:.2f}", {"seconds": upto, "run_seconds": seconds})
     if "finercut" in methods:
         if not all(cached("finercut", lv)[1] for lv in levels):
             t = time.perf_counter()
@@ -217,7 +227,7 @@ def jaxprune_speed(params, prompt):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--levels", default="0.2,0.3")
-    ap.add_argument("--methods", default="finercut,bonsai,l0")
+    ap.add_argument("--methods", default="finercut,bonsai,l0,ffn")
     ap.add_argument("--l0-steps", type=int, default=200)
     ap.add_argument("--steps", type=int, default=200, help="distillation steps per model")
     ap.add_argument("--batch-size", type=int, default=8, help="distillation windows per step")
@@ -304,7 +314,8 @@ def main():
              f"{args.threads} threads.",
              f"SmolLM2-135M-Instruct float32 ({dense_n:,} non-embedding parameters). Pruning: FinerCut (2 x 128 "
              "calibration tokens), Bonsai (32 sub-models per round, rounds of 5%, 4 x 128 tokens), L0 (gates only, "
-             f"{args.l0_steps} steps x 4 x 128 tokens), then `jp.compact`. Recovery: `jp.distill` from the dense "
+             f"{args.l0_steps} steps x 4 x 128 tokens), FFN prior (Bonsai's prior alone on FFN channels: every "
+             "layer keeps the same width, so the GGUF is plain `llama`), then `jp.compact`. Recovery: `jp.distill` from the dense "
              f"model, {args.steps} steps x {args.batch_size} x {args.seqlen} = "
              f"{args.steps * args.batch_size * args.seqlen:,} tokens of emma + mansfieldpark per model (teacher "
              f"top-{args.top_k} cached once in {top_k_seconds:.0f} s), full weights, AdamW lr {args.lr:g}, "
@@ -322,7 +333,7 @@ def main():
     for name, r in rows.items():
         before = r.get("ppl_before")
         gap = (before - r["ppl_after"]) / (before - target) if before else None
-        cells = [name, f"{1 - r['params'] / dense_n:.1%}", f"{r['gguf_mb']:.0f}", fmt(before, ".2f"),
+        cells = [label(name), f"{1 - r['params'] / dense_n:.1%}", f"{r['gguf_mb']:.0f}", fmt(before, ".2f"),
                  f"{r['ppl_after']:.2f}", fmt(gap, ".0%"), f"{r['llama_cpp_ppl']:.2f}", f"{r['pp_tps']:,.0f}",
                  f"{r['tg_tps']:.1f}", f"{r['tg_tps'] / d['tg_tps']:.2f}x", f"{r['prefill_tps']:,.0f}",
                  f"{r['decode_tps']:.1f}", fmt(r["recover_seconds"], ".0f")]
