@@ -29,8 +29,7 @@ from jaxprune.calibration.driver import prune_counts, prune_layer, run_layerwise
 from jaxprune.core.checks import check_tokens
 from jaxprune.errors import DataError, InvalidArgumentError, check_int
 from jaxprune.sparsity.masks import (check_sparsity, full_masks, global_masks, group_size, host_view, keep_top_host, n_pruned,
-                                     on_host,
-                                     parse_pattern, select_count)
+                                     on_host, parse_pattern, select_count)
 from jaxprune.core.params import Params, get_path, set_path
 from jaxprune.models.stacking import require_layer_list
 from jaxprune.sparsity.sparsegpt import block_counts, solve
@@ -260,6 +259,13 @@ def _magnitude_select_host(kernel, n_prune: int, scope: str):
     return jnp.asarray(keep)
 
 
+def _magnitude_kernel(kernel, n_prune: int, nm, scope: str):
+    """One kernel's magnitude mask: selected by numpy for unstructured masks of a CPU kernel, else compiled."""
+    if nm is None and on_host(kernel):
+        return _magnitude_select_host(kernel, n_prune, scope)
+    return _magnitude_select(kernel, n_prune, nm=nm, scope=scope)
+
+
 @partial(jax.jit, static_argnames="sparsity")
 def _global_magnitude(kernels: dict, sparsity: float):
     return global_masks({k: criteria.magnitude(v) for k, v in kernels.items()}, sparsity)
@@ -295,9 +301,7 @@ def magnitude(params: Params, sparsity: float = 0.5, pattern=None, scope: str = 
         keep = _global_magnitude({path_key(p): k for p, k in kernels.items()}, sparsity)
         chosen = {p: keep[path_key(p)] for p in kernels}
     else:
-        chosen = {p: _magnitude_select_host(k, n_pruned(group_size(k.shape, scope), sparsity), scope)
-                  if nm is None and on_host(k) else
-                  _magnitude_select(k, n_pruned(group_size(k.shape, scope), sparsity), nm=nm, scope=scope)
+        chosen = {p: _magnitude_kernel(k, n_pruned(group_size(k.shape, scope), sparsity), nm, scope)
                   for p, k in kernels.items()}
     masks = full_masks(params)
     return _like(jax.tree_util.tree_map_with_path(lambda kp, m: chosen.get(plain_path(kp), m), masks), params)
