@@ -5,12 +5,15 @@ with forward hooks, following the reference (locuslab/wanda) layer-by-layer proc
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 
 import jaxprune as jp
 from jaxprune.models.config import config_from_hf
 from jaxprune.io.hf import from_named_arrays
+from jaxprune.sparsity.sparsegpt import gram, hessian as sparsegpt_hessian, inverse_upper_factor, prune_kernel
 
 from conftest import hf_to_named, tiny_llama, tiny_opt
 from sparsegpt_reference import sparsegpt_numpy
@@ -267,3 +270,44 @@ def test_wanda_column_blocks_match_a_numpy_row_selection(dtype, pattern):
     np.testing.assert_array_equal(np.asarray(keep), ref)
     np.testing.assert_array_equal(np.asarray(new["kernel"]), np.where(ref, np.asarray(kernel), 0))
     assert new["kernel"].dtype == kernel.dtype
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 24), d=st.integers(1, 700), seed=st.integers(0, 2**16))
+def test_gram_equals_the_full_product_and_is_symmetric(n, d, seed):
+    """`gram` computes only the blocks on and above the diagonal (up to 8 of them)."""
+    x = np.random.default_rng(seed).standard_normal((n, d)).astype(np.float32)
+    g = np.asarray(gram(jnp.asarray(x)))
+    ref = x.astype(np.float64).T @ x.astype(np.float64)
+    np.testing.assert_allclose(g, ref, rtol=1e-4, atol=1e-4 * np.sqrt(n))
+    np.testing.assert_array_equal(g, g.T)
+
+
+@pytest.mark.parametrize("d", [5, 200, 577])
+def test_inverse_upper_factor_is_the_cholesky_factor_of_the_inverse(d):
+    rng = np.random.default_rng(d)
+    x = rng.standard_normal((2 * d, d)) * rng.uniform(0.05, 5.0, d)
+    H = x.T @ x / (2 * d) + 0.01 * np.eye(d)
+    U = np.asarray(inverse_upper_factor(jnp.asarray(H, jnp.float32)), np.float64)
+    ref = np.linalg.cholesky(np.linalg.inv(H)).T
+    np.testing.assert_allclose(U, ref, atol=1e-4 * np.abs(ref).max())
+    assert np.array_equal(U, np.triu(U))
+
+
+@pytest.mark.parametrize("nm", [(0, 0), (2, 4), (4, 8)])
+def test_sparsegpt_solver_on_a_wide_kernel_matches_reference(nm):
+    """400 inputs: three full blocks of 128 and a partial one, sub-blocks inside each, a Hessian from
+    `hessian` (blocked Gram matrix) with dead and badly scaled inputs."""
+    rng = np.random.default_rng(7)
+    X = rng.standard_normal((900, 400)).astype(np.float32) * rng.uniform(0.02, 4.0, 400).astype(np.float32)
+    X[:, [3, 150, 399]] = 0.0
+    W = rng.standard_normal((48, 400)).astype(np.float32)   # reference layout [out, in]
+    H = np.asarray(sparsegpt_hessian(jnp.asarray(X)))
+    np.testing.assert_allclose(H, 2.0 / len(X) * (X.astype(np.float64).T @ X), rtol=1e-4, atol=1e-3)
+    new, keep = prune_kernel(jnp.asarray(W.T), jnp.asarray(H), 0.5, nm=nm if nm[0] else None)
+    W_ref, keep_ref = sparsegpt_numpy(W, H, 0.5, *nm)
+    keep = np.asarray(keep).T
+    assert (keep == keep_ref).mean() > 0.995
+    both = keep == keep_ref
+    np.testing.assert_allclose(np.asarray(new).T[both], W_ref[both], atol=2e-3 * np.abs(W_ref).max(), rtol=0)
+    assert (np.asarray(new).T[~keep] == 0).all()

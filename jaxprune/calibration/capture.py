@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from jaxprune import models
 from jaxprune.errors import InvalidArgumentError
 from jaxprune.core.params import Params
+from jaxprune.sparsity.sparsegpt import gram
 
 STAT_KINDS = ("sumsq", "hessian")
 MODES = ("sequential", "as-you-go", "dense")
@@ -51,7 +52,7 @@ def input_stat(kind: str, x):
     if kind == "sumsq":
         return jnp.sum(x * x, axis=0)
     if kind == "hessian":
-        return x.T @ x
+        return gram(x)   # x^T x, the upper blocks only
     raise InvalidArgumentError(f"statistics kind must be one of {STAT_KINDS}, got {kind!r}")
 
 

@@ -210,12 +210,13 @@ class LayerPruner:
             collect_if_large(layer_bytes(lp))
 
     def step(self, lp, X: list, ctx, kg, sparsity: float, target: frozenset, count, take_mask=None,
-             layer_type=None):
+             layer_type=None, need_output: bool = True):
         """Prune one layer from its input chunks X; returns (new lp, masks, next layer's input chunks).
 
         `take_mask(path, keep)`, if given, receives each mask as soon as it exists and step returns
         {} for them, so the caller can store them compactly and free them (sequential and dense
-        modes). `layer_type` is the layer's `models.layer_type` (needed where types differ)."""
+        modes). `layer_type` is the layer's `models.layer_type` (needed where types differ). With
+        `need_output=False` (the last layer) sequential mode skips its second pass and returns X."""
         if not target:
             return lp, {}, self.run(lp, X, ctx, kg, layer_type)
         if self.mode == "as-you-go":
@@ -231,7 +232,9 @@ class LayerPruner:
         del lp, stats
         if self.donate or not self.jit_passes:
             collect_if_large(nbytes)
-        return new_lp, masks, (self.run(new_lp, X, ctx, kg, layer_type) if self.mode == "sequential" else Y)
+        if self.mode == "sequential":
+            return new_lp, masks, (self.run(new_lp, X, ctx, kg, layer_type) if need_output else X)
+        return new_lp, masks, Y
 
 
 _embed_jit = jax.jit(models.embed)
@@ -288,7 +291,8 @@ def run_layerwise(params: Params, tokens, kind: str | None, prune_dense: Callabl
     for i in progress(range(len(layers)), description, total=len(layers), enabled=show_progress):
         new_lp, masks, X = pruner.step(layers[i], X, ctx, models.kv_groups(params.config, i),
                                        float(sparsities[i]), frozenset(targets[i]), count,
-                                       layer_type=models.layer_type(params.config, i))
+                                       layer_type=models.layer_type(params.config, i),
+                                       need_output=i < len(layers) - 1)
         new_layers.append(new_lp)
         layer_masks.append(masks)
     return new_layers, layer_masks

