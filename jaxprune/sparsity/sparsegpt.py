@@ -79,8 +79,8 @@ def _sub_block(blocksize: int, nm) -> int:
     """Columns per inner step: `SUB_BLOCK`, or a larger multiple of M so N:M groups stay whole,
     dividing `blocksize` (the block itself when nothing smaller does)."""
     m = nm[1] if nm else 1
-    for size in range(max(SUB_BLOCK, m), blocksize, m):
-        if blocksize % size == 0 and size % m == 0:
+    for size in range(m * -(-SUB_BLOCK // m), blocksize, m):   # multiples of M from SUB_BLOCK up
+        if blocksize % size == 0:
             return size
     return blocksize
 
@@ -151,9 +151,10 @@ def solve(kernel, H, k_full, k_last, nm=None, blocksize: int = 128, percdamp: fl
 
     sub = _sub_block(blocksize, nm)
 
-    def columns(Ws, Ms, Hs, ds):
+    def columns(Ws, Ms, Hs):
         """The OBS steps of `sub` consecutive inputs: each pruned weight's error moves the inputs
         after it in this sub-block. Returns the sub-block's weights, mask and scaled errors."""
+        ds = jnp.diag(Hs)
 
         def column(i, c):
             Ws, Ms, Es = c
@@ -201,8 +202,7 @@ def solve(kernel, H, k_full, k_last, nm=None, blocksize: int = 128, percdamp: fl
             j1 = s * sub
             Ws, Ms, Es = columns(jax.lax.dynamic_slice(W1, (j1, 0), (sub, rows)),
                                  jax.lax.dynamic_slice(M1, (j1, 0), (sub, rows)),
-                                 jax.lax.dynamic_slice(H1, (j1, j1), (sub, sub)),
-                                 jax.lax.dynamic_slice(d1, (j1,), (sub,)))
+                                 jax.lax.dynamic_slice(H1, (j1, j1), (sub, sub)))
             Hrows = jax.lax.dynamic_slice(H1, (j1, 0), (sub, blocksize))   # zero before input j1
             W1 = W1 - Hrows.T @ Es
             return (jax.lax.dynamic_update_slice(W1, Ws, (j1, 0)), jax.lax.dynamic_update_slice(M1, Ms, (j1, 0)),
