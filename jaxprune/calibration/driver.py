@@ -240,6 +240,28 @@ class LayerPruner:
 
 _embed_jit = jax.jit(models.embed)
 
+# Calibration tokens per forward on a CPU backend when the caller gives no batch size. A SmolLM2 layer
+# (2-core EPYC, float32, 16,384 tokens) ran 15% faster in chunks of 1,024 tokens than of 4,096: a
+# chunk's activations stay in cache between the layer's ops. Accelerators get DEVICE_BATCH windows.
+CPU_CHUNK_TOKENS = 1024
+DEVICE_BATCH = 8
+
+
+def default_batch_size(seqlen: int, batch_size: int | None = None) -> int:
+    """`batch_size` (windows per forward) if given, else the default for windows of `seqlen` tokens:
+    on CPU, as many whole windows as fit CPU_CHUNK_TOKENS (at least one, at most DEVICE_BATCH);
+    elsewhere DEVICE_BATCH.
+
+    Example:
+        >>> default_batch_size(512, 3)
+        3
+    """
+    if batch_size is not None:
+        return batch_size
+    if jax.default_backend() != "cpu":
+        return DEVICE_BATCH
+    return max(1, min(DEVICE_BATCH, CPU_CHUNK_TOKENS // max(1, int(seqlen))))
+
 
 def embed_chunks(params: Params, tokens, batch_size: int, place=None):
     """(list of embedded chunks [b, T, D], context) for tokens [n, T] in chunks of `batch_size`;
@@ -255,7 +277,7 @@ def embed_chunks(params: Params, tokens, batch_size: int, place=None):
 
 
 def run_layerwise(params: Params, tokens, kind: str | None, prune_dense: Callable, sparsities, targets,
-                  mode: str = "sequential", batch_size: int = 8, show_progress=None,
+                  mode: str = "sequential", batch_size: int | None = None, show_progress=None,
                   description: str = "pruning", place=None):
     """Drive one-shot pruning layer by layer.
 
@@ -278,14 +300,15 @@ def run_layerwise(params: Params, tokens, kind: str | None, prune_dense: Callabl
       pruned the moment its input arrives, so later sublayers see earlier ones already pruned;
     * ``dense``: statistics of the unpruned model (the next input is the dense layer's output).
 
-    `place(token_chunk)` places each calibration chunk (data parallelism: rows over a mesh's
-    ``"data"`` axis; the jitted passes then reduce statistics across devices).
+    `batch_size` windows run per forward (default: `default_batch_size`). `place(token_chunk)` places
+    each calibration chunk (data parallelism: rows over a mesh's ``"data"`` axis; the jitted passes
+    then reduce statistics across devices).
 
     Returns (new layer param list, list of {module path: keep mask}).
     """
     pruner = LayerPruner(params.config, kind, prune_dense, mode)
     tokens = tokens if isinstance(tokens, jax.Array) else jnp.asarray(tokens)
-    X, ctx = embed_chunks(params, tokens, batch_size, place)
+    X, ctx = embed_chunks(params, tokens, default_batch_size(tokens.shape[1], batch_size), place)
     new_layers, layer_masks = [], []
     count = jnp.asarray(float(tokens.size), jnp.float32)
     layers = params.tree["layers"]

@@ -21,15 +21,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprune.errors import InvalidArgumentError
-from jaxprune.models import logits as model_logits
+from jaxprune.models import hidden_states
+from jaxprune.models import logits as model_logits  # noqa: F401  (re-exported by jaxprune.evaluation)
 from jaxprune.core.params import Params
 from jaxprune.core.progress import progress
-from jaxprune.training.losses import token_nll
+from jaxprune.training.losses import head_nll, token_nll  # noqa: F401  (token_nll: re-exported)
 
 
 @jax.jit
 def _batch_nll(params, tokens, weight, gates):
-    nll = token_nll(model_logits(params, tokens, gates), tokens)
+    nll = head_nll(params, hidden_states(params, tokens, gates), tokens, gates)   # no [B, T, V] logits
     return jnp.sum(nll.sum(axis=1) * weight)
 
 

@@ -19,7 +19,8 @@ import numpy as np
 
 from jaxprune.sparsity import criteria
 from jaxprune.calibration.capture import input_stats, path_key, plain_path
-from jaxprune.errors import InvalidArgumentError
+from jaxprune.calibration.driver import default_batch_size
+from jaxprune.errors import InvalidArgumentError, check_int
 from jaxprune.sparsity.masks import check_sparsity
 from jaxprune.core.params import Params
 from jaxprune.oneshot.pruning import _validate_tokens, default_prunable
@@ -53,12 +54,14 @@ _input_stats_jit = jax.jit(input_stats, static_argnames="kind")
 
 
 def owl_sparsities(params: Params, calib, sparsity: float = 0.5, m: float = 5.0, lam: float = 0.08,
-                   batch_size: int = 8) -> list[float]:
-    """Per-layer sparsities from OWL, with statistics of the dense model on `calib`."""
+                   batch_size: int | None = None) -> list[float]:
+    """Per-layer sparsities from OWL, with statistics of the dense model on `calib` (`batch_size`
+    windows per forward; default `calibration.driver.default_batch_size`)."""
     sparsity = check_sparsity(sparsity)
     if lam < 0 or m <= 0:
         raise InvalidArgumentError(f"OWL needs lam >= 0 and m > 0, got lam={lam}, m={m}")
     tokens = _validate_tokens(params, calib)
+    batch_size = default_batch_size(tokens.shape[1], None if batch_size is None else check_int("batch_size", batch_size))
     total = None
     for s in range(0, tokens.shape[0], batch_size):
         st = _input_stats_jit(params, tokens[s:s + batch_size], "sumsq")

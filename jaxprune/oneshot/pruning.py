@@ -25,7 +25,7 @@ import numpy as np
 
 from jaxprune.sparsity import criteria
 from jaxprune.calibration.capture import path_key, plain_path
-from jaxprune.calibration.driver import prune_counts, prune_layer, run_layerwise
+from jaxprune.calibration.driver import default_batch_size, prune_counts, prune_layer, run_layerwise
 from jaxprune.core.checks import check_tokens
 from jaxprune.errors import DataError, InvalidArgumentError, check_int
 from jaxprune.sparsity.masks import (check_sparsity, full_masks, global_masks, group_size, host_view, keep_top_host, n_pruned,
@@ -101,8 +101,14 @@ def _validate_tokens(params: Params, calib):
     return calib
 
 
+def _check_batch_size(batch_size) -> None:
+    if batch_size is not None:
+        check_int("batch_size", batch_size)
+
+
 def _placement(params: Params, mesh, batch_size: int):
-    """(params on the mesh, chunk placement, batch size) for data-parallel calibration.
+    """(params on the mesh, chunk placement, batch size) for data-parallel calibration (`batch_size`
+    is rounded up to a multiple of the mesh's data axis).
 
     The mesh is `mesh` or the one `params` are already sharded over; without either,
     nothing is placed. Params not yet on the mesh get the tensor-parallel rules."""
@@ -309,7 +315,7 @@ def magnitude(params: Params, sparsity: float = 0.5, pattern=None, scope: str = 
 
 def wanda(params: Params, calib, sparsity: float = 0.5, pattern=None, scope: str = "row",
           mode: str = "sequential", per_layer_sparsity: Sequence[float] | None = None,
-          prunable: Callable | None = None, batch_size: int = 8, show_progress=None, apply_fn=None, mesh=None):
+          prunable: Callable | None = None, batch_size: int | None = None, show_progress=None, apply_fn=None, mesh=None):
     """Wanda (Sun et al. 2024, "A Simple and Effective Pruning Approach for LLMs").
 
     Score |W_ij| * ||X_i||_2 (input-feature norms over calibration tokens), compared within each
@@ -326,7 +332,8 @@ def wanda(params: Params, calib, sparsity: float = 0.5, pattern=None, scope: str
       mode: 'sequential' (reference), 'as-you-go' (one pass per layer) or 'dense' (one pass).
       per_layer_sparsity: one sparsity per layer (e.g. from `jaxprune.owl_sparsities`).
       prunable: predicate over plain paths; default: linear layers inside the blocks.
-      batch_size: calibration windows per forward.
+      batch_size: calibration windows per forward; default (`calibration.driver.default_batch_size`):
+        about 1,024 tokens on CPU, 8 windows on accelerators.
       apply_fn: for your own Flax model (`params` a linen dict or `nnx.State`):
         `apply_fn(params, batch)` runs it; `calib` is then a batch of its inputs or a list of
         batches, and statistics come from one pass of the unpruned model.
@@ -348,12 +355,12 @@ def wanda(params: Params, calib, sparsity: float = 0.5, pattern=None, scope: str
         raise InvalidArgumentError("wanda compares within rows or layers; use scope='row' or 'layer'")
     _check_layer_only(paths, "wanda")
     sparsities = _layer_sparsities(params, sparsity, per_layer_sparsity)
-    check_int("batch_size", batch_size)
+    _check_batch_size(batch_size)
     prune_dense = WandaRule(nm, scope)
     if isinstance(calib, dict):
         return _assemble(params, _from_stats(params, calib, paths, prune_dense, sparsities, "sumsq"))
     tokens = _validate_tokens(params, calib)
-    params, place, batch_size = _placement(params, mesh, batch_size)
+    params, place, batch_size = _placement(params, mesh, default_batch_size(tokens.shape[1], batch_size))
     _, layer_masks = run_layerwise(params, tokens, "sumsq", prune_dense, sparsities, _targets(params, paths), mode=mode,
                                    batch_size=batch_size, show_progress=show_progress, description="wanda",
                                    place=place)
@@ -362,7 +369,7 @@ def wanda(params: Params, calib, sparsity: float = 0.5, pattern=None, scope: str
 
 def sparsegpt(params: Params, calib, sparsity: float = 0.5, pattern=None, mode: str = "sequential",
               per_layer_sparsity: Sequence[float] | None = None, blocksize: int = 128, percdamp: float = 0.01,
-              prunable: Callable | None = None, batch_size: int = 8, show_progress=None, apply_fn=None,
+              prunable: Callable | None = None, batch_size: int | None = None, show_progress=None, apply_fn=None,
               mesh=None):
     """SparseGPT (Frantar & Alistarh 2023): OBS pruning with weight updates, layer by layer.
 
@@ -388,13 +395,13 @@ def sparsegpt(params: Params, calib, sparsity: float = 0.5, pattern=None, mode: 
         raise InvalidArgumentError(f"percdamp must lie in [0, 1), got {percdamp}")
     _check_layer_only(paths, "sparsegpt")
     sparsities = _layer_sparsities(params, sparsity, per_layer_sparsity)
-    check_int("batch_size", batch_size)
+    _check_batch_size(batch_size)
     prune_dense = SparseGPTRule(nm, blocksize, percdamp)
     if isinstance(calib, dict):
         layers, layer_masks = _from_stats(params, calib, paths, prune_dense, sparsities, "hessian", updates=True)
         return _assemble(params, layer_masks, layers)
     tokens = _validate_tokens(params, calib)
-    params, place, batch_size = _placement(params, mesh, batch_size)
+    params, place, batch_size = _placement(params, mesh, default_batch_size(tokens.shape[1], batch_size))
     new_layers, layer_masks = run_layerwise(params, tokens, "hessian", prune_dense, sparsities,
                                             _targets(params, paths), mode=mode,
                                             batch_size=batch_size, show_progress=show_progress,

@@ -45,10 +45,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprune import models
-from jaxprune.calibration.driver import LayerPruner, collect_if_large, embed_chunks
+from jaxprune.calibration.driver import LayerPruner, collect_if_large, default_batch_size, embed_chunks
 from jaxprune.io.export import load_masks  # noqa: F401  (re-exported: masks beside a streamed output)
 from jaxprune.core.checks import check_tokens
-from jaxprune.errors import CheckpointError, InvalidArgumentError
+from jaxprune.errors import CheckpointError, InvalidArgumentError, check_int
 from jaxprune.io.atomic import commit_directory
 from jaxprune.io.hf import read_config
 from jaxprune.sparsity.masks import check_sparsity, parse_pattern
@@ -89,7 +89,7 @@ def _prune_dense(method, nm, blocksize, percdamp):
 
 
 def prune_streaming(source: str, out: str, calib, method: str = "wanda", sparsity: float = 0.5,
-                    pattern=None, *, mode: str = "sequential", batch_size: int = 8, blocksize: int = 128,
+                    pattern=None, *, mode: str = "sequential", batch_size: int | None = None, blocksize: int = 128,
                     percdamp: float = 0.01, compute_dtype=jnp.float32, overwrite: bool = False,
                     low_memory: bool | None = None, show_progress=None,
                     on_layer: Callable[[int], None] | None = None, statistics: list | None = None) -> str:
@@ -102,7 +102,7 @@ def prune_streaming(source: str, out: str, calib, method: str = "wanda", sparsit
       method: 'wanda' (row-wise) or 'sparsegpt'; `sparsity`, `pattern` ('2:4'...), `mode`
         ('sequential', 'as-you-go', 'dense'), `blocksize` and `percdamp` as for `jaxprune.wanda`
         and `jaxprune.sparsity.sparsegpt`.
-      batch_size: calibration windows per forward.
+      batch_size: calibration windows per forward (default `calibration.driver.default_batch_size`).
       compute_dtype: dtype of the activations (weights stay in the stored dtype on the device).
       low_memory: run each layer's passes op by op with column-blocked matmuls, so no weight is
         ever held twice (`calibration.LayerPruner(jit_passes=False)`); default: for layers above
@@ -117,6 +117,7 @@ def prune_streaming(source: str, out: str, calib, method: str = "wanda", sparsit
     """
     config = read_config(source)
     sparsity, nm, tokens = _validate(config, calib, method, sparsity, pattern, blocksize)
+    batch_size = default_batch_size(tokens.shape[1], None if batch_size is None else check_int("batch_size", batch_size))
     out = os.path.abspath(out)
     if os.path.exists(out) and not overwrite:
         raise CheckpointError(f"{out} already exists; pass overwrite=True (CLI: --overwrite) to replace it")

@@ -2,6 +2,7 @@
 
 from jaxprune.training.losses import (
     token_nll,
+    head_nll,
     mean_nll,
     lm_loss,
     distillation_loss,
