@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxprune import models
-from jaxprune.errors import InvalidArgumentError
+from jaxprune.errors import InvalidArgumentError, check_int
 from jaxprune.core.params import Params, get_path, set_path
 from jaxprune.core.progress import progress
 from jaxprune.calibration.capture import MODES, _dense_interceptor, blocked_matmuls, capture, input_stat
@@ -248,16 +248,16 @@ DEVICE_BATCH = 8
 
 
 def default_batch_size(seqlen: int, batch_size: int | None = None) -> int:
-    """`batch_size` (windows per forward) if given, else the default for windows of `seqlen` tokens:
-    on CPU, as many whole windows as fit CPU_CHUNK_TOKENS (at least one, at most DEVICE_BATCH);
-    elsewhere DEVICE_BATCH.
+    """`batch_size` (windows per forward) if given, checked to be a positive int, else the default
+    for windows of `seqlen` tokens: on CPU, as many whole windows as fit CPU_CHUNK_TOKENS (at least
+    one, at most DEVICE_BATCH); elsewhere DEVICE_BATCH.
 
     Example:
         >>> default_batch_size(512, 3)
         3
     """
     if batch_size is not None:
-        return batch_size
+        return check_int("batch_size", batch_size)
     if jax.default_backend() != "cpu":
         return DEVICE_BATCH
     return max(1, min(DEVICE_BATCH, CPU_CHUNK_TOKENS // max(1, int(seqlen))))

@@ -20,7 +20,7 @@ import numpy as np
 from jaxprune.sparsity import criteria
 from jaxprune.calibration.capture import input_stats, path_key, plain_path
 from jaxprune.calibration.driver import default_batch_size
-from jaxprune.errors import InvalidArgumentError, check_int
+from jaxprune.errors import InvalidArgumentError
 from jaxprune.sparsity.masks import check_sparsity
 from jaxprune.core.params import Params
 from jaxprune.oneshot.pruning import _validate_tokens, default_prunable
@@ -61,7 +61,7 @@ def owl_sparsities(params: Params, calib, sparsity: float = 0.5, m: float = 5.0,
     if lam < 0 or m <= 0:
         raise InvalidArgumentError(f"OWL needs lam >= 0 and m > 0, got lam={lam}, m={m}")
     tokens = _validate_tokens(params, calib)
-    batch_size = default_batch_size(tokens.shape[1], None if batch_size is None else check_int("batch_size", batch_size))
+    batch_size = default_batch_size(tokens.shape[1], batch_size)
     total = None
     for s in range(0, tokens.shape[0], batch_size):
         st = _input_stats_jit(params, tokens[s:s + batch_size], "sumsq")

@@ -101,11 +101,6 @@ def _validate_tokens(params: Params, calib):
     return calib
 
 
-def _check_batch_size(batch_size) -> None:
-    if batch_size is not None:
-        check_int("batch_size", batch_size)
-
-
 def _placement(params: Params, mesh, batch_size: int):
     """(params on the mesh, chunk placement, batch size) for data-parallel calibration (`batch_size`
     is rounded up to a multiple of the mesh's data axis).
@@ -355,7 +350,8 @@ def wanda(params: Params, calib, sparsity: float = 0.5, pattern=None, scope: str
         raise InvalidArgumentError("wanda compares within rows or layers; use scope='row' or 'layer'")
     _check_layer_only(paths, "wanda")
     sparsities = _layer_sparsities(params, sparsity, per_layer_sparsity)
-    _check_batch_size(batch_size)
+    if batch_size is not None:   # checked before any work, also where statistics are given
+        check_int("batch_size", batch_size)
     prune_dense = WandaRule(nm, scope)
     if isinstance(calib, dict):
         return _assemble(params, _from_stats(params, calib, paths, prune_dense, sparsities, "sumsq"))
@@ -395,7 +391,8 @@ def sparsegpt(params: Params, calib, sparsity: float = 0.5, pattern=None, mode: 
         raise InvalidArgumentError(f"percdamp must lie in [0, 1), got {percdamp}")
     _check_layer_only(paths, "sparsegpt")
     sparsities = _layer_sparsities(params, sparsity, per_layer_sparsity)
-    _check_batch_size(batch_size)
+    if batch_size is not None:   # checked before any work, also where statistics are given
+        check_int("batch_size", batch_size)
     prune_dense = SparseGPTRule(nm, blocksize, percdamp)
     if isinstance(calib, dict):
         layers, layer_masks = _from_stats(params, calib, paths, prune_dense, sparsities, "hessian", updates=True)

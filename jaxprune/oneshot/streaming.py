@@ -48,7 +48,7 @@ from jaxprune import models
 from jaxprune.calibration.driver import LayerPruner, collect_if_large, default_batch_size, embed_chunks
 from jaxprune.io.export import load_masks  # noqa: F401  (re-exported: masks beside a streamed output)
 from jaxprune.core.checks import check_tokens
-from jaxprune.errors import CheckpointError, InvalidArgumentError, check_int
+from jaxprune.errors import CheckpointError, InvalidArgumentError
 from jaxprune.io.atomic import commit_directory
 from jaxprune.io.hf import read_config
 from jaxprune.sparsity.masks import check_sparsity, parse_pattern
@@ -117,7 +117,7 @@ def prune_streaming(source: str, out: str, calib, method: str = "wanda", sparsit
     """
     config = read_config(source)
     sparsity, nm, tokens = _validate(config, calib, method, sparsity, pattern, blocksize)
-    batch_size = default_batch_size(tokens.shape[1], None if batch_size is None else check_int("batch_size", batch_size))
+    batch_size = default_batch_size(tokens.shape[1], batch_size)
     out = os.path.abspath(out)
     if os.path.exists(out) and not overwrite:
         raise CheckpointError(f"{out} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
