@@ -95,3 +95,34 @@ def test_masked_training_loop_with_a_checkpoint_manager(tmp_path):
     assert not k[~np.asarray(latest.masks["layers"][0]["mlp"]["up_proj"]["kernel"])].any()
     with pytest.raises(jp.CheckpointError, match="no checkpoint for step 0"):
         jp.restore_checkpoint(fresh, step=0)
+
+
+_TRUNCATED_MANIFEST = r"""
+import sys, jax, jaxprune as jp
+path = sys.argv[1]
+for _ in range(5):
+    try:
+        jp.load_checkpoint(path)
+    except jp.CheckpointError as e:
+        print("refused:", "unreadable array metadata" in str(e))
+"""
+
+
+def test_a_corrupt_array_store_is_refused_with_nothing_left_running(tmp_path):
+    """A truncated OCDBT manifest: CheckpointError, and no read of another array is still in
+    flight afterwards (orbax's gathered metadata reads used to finish on a closed event loop,
+    printing 'Event loop is closed' and at times crashing the process)."""
+    import subprocess
+    import sys
+    params = tiny()
+    path = jp.save_checkpoint(str(tmp_path / "ck"), params, masks=jp.magnitude(params, 0.5))
+    manifest = os.path.join(path, "masks", "manifest.ocdbt")
+    with open(manifest, "rb") as f:
+        raw = f.read()
+    with open(manifest, "wb") as f:
+        f.write(raw[:len(raw) * 2 // 3])
+    run = subprocess.run([sys.executable, "-c", _TRUNCATED_MANIFEST, path], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == ["refused:", "True"] * 5
+    assert "Event loop is closed" not in run.stderr and "Traceback" not in run.stderr, run.stderr[-2000:]

@@ -183,21 +183,68 @@ def _disk_bytes(directory: str) -> int:
     return total
 
 
-def _array_metadata(item_dir: str, source: str) -> dict[str, tuple]:
-    """keystr path -> (shape, dtype) of a StandardSave item, read from its metadata only."""
-    from etils import epath
-    ocp = _ocp()
-    try:
-        meta = ocp.StandardCheckpointHandler().metadata(epath.Path(item_dir))
-        leaves = jax.tree_util.tree_flatten_with_path(meta)[0]
-        out = {jax.tree_util.keystr(p): (tuple(int(d) for d in m.shape), np.dtype(m.dtype)) for p, m in leaves}
-    except JaxpruneError:
-        raise
-    except Exception as e:
-        raise CheckpointError(f"{source}: unreadable array metadata in {os.path.basename(item_dir)}/ "
-                              f"({type(e).__name__}: {str(e)[:200]})") from None
-    if any(d < 0 for shape, _ in out.values() for d in shape):
-        raise CheckpointError(f"{source}: {os.path.basename(item_dir)}/ holds a negative dimension")
+MAX_GATE_ARRAYS = 4096       # a gates item holds a few arrays per layer
+
+
+def _stored_keys(item_dir: str, source: str) -> dict[str, str]:
+    """keystr path -> stored array name of a StandardSave item, from its `_METADATA` JSON."""
+    from jaxprune.io.untrusted import read_json_dict, short
+    meta = read_json_dict(os.path.join(item_dir, "_METADATA"), "orbax _METADATA", MAX_JSON_BYTES)
+    tree = meta.get("tree_metadata")
+    if not isinstance(tree, dict):
+        raise CheckpointError(f"{source}: {os.path.basename(item_dir)}/_METADATA has no tree_metadata object")
+    out = {}
+    for entry in tree.values():
+        keys = entry.get("key_metadata") if isinstance(entry, dict) else None
+        if not isinstance(keys, list) or not keys or not all(
+                isinstance(k, dict) and isinstance(k.get("key"), str) and k.get("key_type") in (1, 2) for k in keys):
+            raise CheckpointError(f"{source}: {os.path.basename(item_dir)}/_METADATA holds a malformed "
+                                  f"entry {short(entry)}")
+        if any(k["key_type"] == 1 and not k["key"].isdigit() for k in keys):
+            raise CheckpointError(f"{source}: {os.path.basename(item_dir)}/_METADATA holds a non-integer "
+                                  f"list index in {short(entry)}")
+        path = "".join(f"[{int(k['key'])}]" if k["key_type"] == 1 else f"[{k['key']!r}]" for k in keys)
+        out[path] = ".".join(k["key"] for k in keys)
+    return out
+
+
+def _array_metadata(item_dir: str, source: str, expected: set | None = None,
+                    limit: int = MAX_GATE_ARRAYS) -> dict[str, tuple]:
+    """keystr path -> (shape, dtype) of a StandardSave item, read from its metadata only.
+
+    Each array's zarr header is opened through tensorstore one at a time and waited for, so a
+    corrupt file fails here with nothing left running. (Orbax's own metadata reader gathers
+    the opens on an asyncio loop; when one fails, it raises while the others are still in flight,
+    and their completions later land on a closed loop, which crashed the process at random.)
+    `expected` (the key paths the config implies) is checked before any array is opened."""
+    import tensorstore as ts
+    from jaxprune.io.untrusted import read_json_dict, short
+    name = os.path.basename(item_dir)
+    keys = _stored_keys(item_dir, source)
+    if expected is not None and set(keys) != expected:
+        bad = sorted(set(keys) ^ expected)
+        raise CheckpointError(f"{source}: {name}/ does not match the config ({len(bad)} arrays differ, "
+                              f"e.g. {short(bad[:3], 200)})")
+    if len(keys) > limit:
+        raise CheckpointError(f"{source}: {name}/ holds {len(keys)} arrays (at most {limit})")
+    meta = read_json_dict(os.path.join(item_dir, "_METADATA"), "orbax _METADATA", MAX_JSON_BYTES)
+    driver = "zarr3" if meta.get("use_zarr3") else "zarr"
+    base = "file://" + item_dir.rstrip(os.sep) + os.sep
+    out = {}
+    for path, stored in keys.items():
+        if meta.get("use_ocdbt", True):
+            kvstore = {"driver": "ocdbt", "base": base, "path": stored}
+        else:
+            kvstore = {"driver": "file", "path": os.path.join(item_dir, stored) + os.sep}
+        try:
+            array = ts.open({"driver": driver, "kvstore": kvstore}, open=True, read=True).result()
+            shape, dtype = tuple(int(d) for d in array.shape), np.dtype(array.dtype.numpy_dtype)
+        except Exception as e:
+            raise CheckpointError(f"{source}: unreadable array metadata in {name}/ for {short(stored)} "
+                                  f"({type(e).__name__}: {str(e)[:200]})") from None
+        if any(d < 0 for d in shape):
+            raise CheckpointError(f"{source}: {name}/ holds a negative dimension")
+        out[path] = (shape, dtype)
     return out
 
 
@@ -231,13 +278,11 @@ def _check_before_restore(path: str):
         item_dir = os.path.join(path, item)
         if item == "masks" and not os.path.isdir(item_dir):
             continue
-        meta = _array_metadata(item_dir, path)
+        meta = _array_metadata(item_dir, path, set(expected))
         if item == "params":
             _check_size(meta, item_dir, path)
-        shapes = {k: s for k, (s, _) in meta.items()}
-        if shapes != expected:
-            bad = sorted(set(shapes) ^ set(expected)) + sorted(k for k in shapes if k in expected
-                                                                 and shapes[k] != expected[k])
+        bad = sorted(k for k, (s, _) in meta.items() if s != expected[k])
+        if bad:
             raise CheckpointError(f"{path}: {item}/ does not match the config ({len(bad)} arrays differ, "
                                   f"e.g. {short(bad[:3], 200)})")
     if os.path.isdir(os.path.join(path, "gates")):
