@@ -311,3 +311,24 @@ def test_sparsegpt_solver_on_a_wide_kernel_matches_reference(nm):
     both = keep == keep_ref
     np.testing.assert_allclose(np.asarray(new).T[both], W_ref[both], atol=2e-3 * np.abs(W_ref).max(), rtol=0)
     assert (np.asarray(new).T[~keep] == 0).all()
+
+
+@settings(max_examples=12, deadline=None, derandomize=True, database=None)
+@given(widths=st.lists(st.integers(1, 40), min_size=2, max_size=3), d=st.sampled_from([8, 24, 40]),
+       nm=st.sampled_from([None, (2, 4)]), sparsity=st.sampled_from([0.3, 0.5]), seed=st.integers(0, 99))
+def test_sparsegpt_group_solve_equals_solving_each_kernel_alone(widths, d, nm, sparsity, seed):
+    """Kernels sharing one Hessian (q/k/v, gate/up) solved together: each gets what `solve` gives it
+    alone (its own mask and prune counts; the reference comparison of `solve` is above, and
+    test_sparsegpt_matches_reference runs the grouped path against numpy)."""
+    from jaxprune.sparsity.sparsegpt import block_counts, solve, solve_group
+    rng = np.random.default_rng(seed)
+    X = jnp.asarray(rng.standard_normal((3 * d, d)), jnp.float32)
+    H = sparsegpt_hessian(X)
+    Ws = [jnp.asarray(rng.standard_normal((d, w)), jnp.float32) for w in widths]   # kernels [in, out]
+    counts = tuple(block_counts(w, d, sparsity, 16) for w in widths)
+    together = solve_group(tuple(Ws), H, counts, nm=nm, blocksize=16)
+    for W, c, (new, keep) in zip(Ws, counts, together):
+        new_alone, keep_alone = solve(W, H, *c, nm=nm, blocksize=16)
+        assert keep.shape == W.shape and new.dtype == W.dtype
+        np.testing.assert_array_equal(keep, keep_alone)
+        np.testing.assert_allclose(new, new_alone, atol=1e-5 * float(jnp.abs(new_alone).max()), rtol=0)

@@ -109,6 +109,21 @@ def capture(fn: Callable, kind: str, paths=None):
     return out, stats
 
 
+def input_groups(fn: Callable) -> tuple[tuple, ...]:
+    """Module paths of the `nn.Dense`/`nn.DenseGeneral` layers `fn()` applies, grouped by the input
+    they share (q/k/v, gate/up), in call order. Trace it abstractly (`jax.eval_shape`): only the
+    structure matters."""
+    groups = {}
+
+    def on_dense(path, module, x, call):
+        groups.setdefault(id(x), (x, []))[1].append(path)   # x kept alive so its id stays unique
+        return call()
+
+    with nn.intercept_methods(_dense_interceptor(on_dense)):
+        fn()
+    return tuple(tuple(paths) for _, paths in groups.values())
+
+
 def input_stats(params: Params, tokens, kind: str = "sumsq") -> dict:
     """Statistics of every linear layer's input in the blocks of the dense model (pure, jit-able).
 

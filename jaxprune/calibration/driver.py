@@ -15,7 +15,7 @@ from jaxprune import models
 from jaxprune.errors import InvalidArgumentError, check_int
 from jaxprune.core.params import Params, get_path, set_path
 from jaxprune.core.progress import progress
-from jaxprune.calibration.capture import MODES, _dense_interceptor, blocked_matmuls, capture, input_stat
+from jaxprune.calibration.capture import MODES, _dense_interceptor, blocked_matmuls, capture, input_groups, input_stat
 
 
 def prune_layer(lp: dict, stats: dict, count, rule: Callable, counts: dict):
@@ -94,6 +94,10 @@ def _prune_one(dense, stat, count, n, rule, path):
     return rule(path, dense, stat, count, n)
 
 
+def _prune_group(denses, stat, count, ns, rule):
+    return rule.prune_group(denses, stat, count, ns)
+
+
 def _one_pass(lp, X, ctx, counts, config, kg, kind, rule, target, layer_type=None):
     """As-you-go: each targeted linear layer pruned the moment its input arrives."""
     new_lp, masks = lp, {}
@@ -122,6 +126,7 @@ _stats_and_output_jit = jax.jit(_stats_and_output, static_argnames=_LAYER_STATIC
 _stats_only_jit = jax.jit(_stats_only, static_argnames=_LAYER_STATIC + ("kind", "blocked"))
 _prune_one_jit = jax.jit(_prune_one, static_argnames=("rule", "path"))
 _prune_one_donating_jit = jax.jit(_prune_one, static_argnames=("rule", "path"), donate_argnums=(0,))
+_prune_group_jit = jax.jit(_prune_group, static_argnames=("rule",))
 _one_pass_jit = jax.jit(_one_pass, static_argnames=_LAYER_STATIC + ("kind", "rule", "target"))
 
 
@@ -151,6 +156,7 @@ class LayerPruner:
         self.config, self.kind, self.prune_dense, self.mode = config, kind, prune_dense, mode
         self.donate, self.jit_passes = donate, jit_passes
         self._prune_one = _prune_one_donating_jit if donate else _prune_one_jit
+        self._groups = {}
 
     def _pass(self, jitted, plain, lp, x, ctx, kg, **static):
         if self.jit_passes:
@@ -183,24 +189,50 @@ class LayerPruner:
             self._collect(lp)
         return (outs if with_output else None), total
 
-    def prune(self, lp, stats: dict, count, sparsity: float, take_mask=None):
+    def prune(self, lp, stats: dict, count, sparsity: float, take_mask=None, groups=()):
         """Prune the linear layers named by `stats`, one matrix per call (peak memory: one matrix's
-        temporaries). Returns (new lp, {module path: keep mask}); with `take_mask(path, keep)` each
-        mask is handed over as soon as it exists and not kept."""
+        temporaries), or one call per group of `groups` (paths sharing one input, see
+        `input_groups`) where the rule prunes such groups together (`rule.prune_group`). Returns
+        (new lp, {module path: keep mask}); with `take_mask(path, keep)` each mask is handed over
+        as soon as it exists and not kept."""
         masks = {}
         counts = prune_counts(self.prune_dense, lp, stats, sparsity)
-        for path in sorted(stats):
-            key = path if getattr(self.prune_dense, "uses_path", True) else None   # one compilation per shape
-            new, keep = self._prune_one(get_path(lp, path), stats[path], count, counts[path],
-                                        rule=self.prune_dense, path=key)
-            if take_mask is None:
-                masks[path] = keep
+        joint = [g for g in (tuple(p for p in g if p in stats) for g in groups) if len(g) > 1]
+        grouped = {p for g in joint for p in g}
+        calls = sorted([(p,) for p in stats if p not in grouped] + joint)
+        for group in calls:
+            if len(group) > 1:
+                results = _prune_group_jit(tuple(get_path(lp, p) for p in group), stats[group[0]], count,
+                                           tuple(counts[p] for p in group), rule=self.prune_dense)
             else:
-                take_mask(path, keep)
-            del keep
-            lp = set_path(lp, path, new)
+                path = group[0]
+                key = path if getattr(self.prune_dense, "uses_path", True) else None   # one compilation per shape
+                results = [self._prune_one(get_path(lp, path), stats[path], count, counts[path],
+                                           rule=self.prune_dense, path=key)]
+            for path, (new, keep) in zip(group, results):
+                if take_mask is None:
+                    masks[path] = keep
+                else:
+                    take_mask(path, keep)
+                del keep
+                lp = set_path(lp, path, new)
+            del results
             self._collect(lp)
         return lp, masks
+
+    def groups(self, lp, x, ctx, kg, layer_type=None) -> tuple:
+        """Paths of the layer's linear layers grouped by shared input, when the prune rule solves
+        such groups together and kernels are not donated (a group's solve holds all its kernels'
+        temporaries at once); else ()."""
+        if self.donate or not hasattr(self.prune_dense, "prune_group"):
+            return ()
+        key = (kg, layer_type, jax.tree.structure(lp))
+        if key not in self._groups:
+            found = []
+            jax.eval_shape(lambda lp, x: found.append(input_groups(
+                lambda: _family_layer(self.config, lp, x, ctx, kg, layer_type))), lp, x)
+            self._groups[key] = found[0]
+        return self._groups[key]
 
     def _collect(self, lp):
         """In the low-memory configuration, return finished calls' temporaries now: on CPU they are
@@ -228,7 +260,8 @@ class LayerPruner:
                                              layer_type=layer_type)
             return new_lp, masks, list(jnp.split(Y, np.cumsum(sizes)[:-1]))
         Y, stats = self.stats(lp, X, ctx, kg, with_output=(self.mode == "dense"), layer_type=layer_type)
-        new_lp, masks = self.prune(lp, {p: v for p, v in stats.items() if p in target}, count, sparsity, take_mask)
+        new_lp, masks = self.prune(lp, {p: v for p, v in stats.items() if p in target}, count, sparsity, take_mask,
+                                   self.groups(lp, X[0], ctx, kg, layer_type))
         nbytes = layer_bytes(lp)
         del lp, stats
         if self.donate or not self.jit_passes:

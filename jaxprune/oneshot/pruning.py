@@ -32,7 +32,7 @@ from jaxprune.sparsity.masks import (check_sparsity, full_masks, global_masks, g
                                      on_host, parse_pattern, select_count)
 from jaxprune.core.params import Params, get_path, set_path
 from jaxprune.models.stacking import require_layer_list
-from jaxprune.sparsity.sparsegpt import block_counts, solve
+from jaxprune.sparsity.sparsegpt import block_counts, solve, solve_group
 
 SCOPES = ("row", "layer", "global")
 
@@ -216,6 +216,12 @@ class SparseGPTRule:
         new, keep = solve(dense["kernel"], 2.0 * stat / count, k_full, k_last, nm=self.nm, blocksize=self.blocksize,
                           percdamp=self.percdamp)
         return {**dense, "kernel": new}, keep
+
+    def prune_group(self, denses, stat, count, ns):
+        """Kernels that share one input (and so `stat`) solved together (`solve_group`)."""
+        results = solve_group(tuple(d["kernel"] for d in denses), 2.0 * stat / count, tuple(ns), nm=self.nm,
+                              blocksize=self.blocksize, percdamp=self.percdamp)
+        return [({**d, "kernel": new}, keep) for d, (new, keep) in zip(denses, results)]
 
 
 def _wanda_dense(nm, scope) -> WandaRule:     # the names jaxprune.oneshot.streaming builds its rules with

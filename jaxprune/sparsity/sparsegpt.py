@@ -131,7 +131,30 @@ def solve(kernel, H, k_full, k_last, nm=None, blocksize: int = 128, percdamp: fl
     Works in the kernel's own `[in, out]` layout, so the reference's column i (input i) is
     the contiguous row i here: every step of the column loop reads and writes whole rows.
     """
-    W = kernel.astype(jnp.float32)  # [in, out]: row i = the reference's column i
+    return solve_group((kernel,), H, ((k_full, k_last),), nm=nm, blocksize=blocksize, percdamp=percdamp)[0]
+
+
+@partial(jax.jit, static_argnames=("nm", "blocksize", "percdamp"))
+def solve_group(kernels, H, counts, nm=None, blocksize: int = 128, percdamp: float = 0.01):
+    """`solve` for several kernels [in, out_i] that share one input (q/k/v, gate/up) and so one
+    Hessian: one factorization of H and one pass of the column loop over all their outputs,
+    side by side. Each output's OBS updates involve only its own weights and H, and each kernel's
+    mask is chosen from its own scores with its own `counts[i] = (k_full, k_last)`, so every kernel
+    gets what `solve` alone gives it (up to float rounding); the loop's many small steps run once
+    instead of once per kernel. Returns ((new kernel, keep mask), ...) in the order given.
+
+    Example:
+        >>> x = jax.random.normal(jax.random.key(0), (256, 16))
+        >>> ws = (jax.random.normal(jax.random.key(1), (16, 8)), jax.random.normal(jax.random.key(2), (16, 4)))
+        >>> H = hessian(x)
+        >>> together = solve_group(ws, H, (block_counts(8, 16, 0.5), block_counts(4, 16, 0.5)))
+        >>> alone = [solve(w, H, *block_counts(w.shape[1], 16, 0.5)) for w in ws]
+        >>> all(bool(jnp.array_equal(a[1], b[1])) for a, b in zip(together, alone))
+        True
+    """
+    widths = [k.shape[1] for k in kernels]
+    bounds = [(sum(widths[:i]), sum(widths[:i + 1])) for i in range(len(widths))]
+    W = jnp.concatenate([k.astype(jnp.float32) for k in kernels], axis=1)  # [in, out]: row i = the reference's column i
     cols, rows = W.shape
     H = H.astype(jnp.float32)
     dead = jnp.diag(H) == 0
@@ -188,10 +211,14 @@ def solve(kernel, H, k_full, k_last, nm=None, blocksize: int = 128, percdamp: fl
         d1 = jnp.diag(H1)
         v1 = jax.lax.dynamic_slice(valid, (i1,), (blocksize,))
         if nm is None:
-            # exact count per block (see block_counts); padded inputs score +inf
-            k = jnp.where(b == nblocks - 1, k_last, k_full)
+            # exact count per block and kernel (see block_counts); padded inputs score +inf
             score = jnp.where(v1[:, None], W1 ** 2 / d1[:, None] ** 2, jnp.inf)
-            M1 = ~keep_top(score.reshape(-1), score.size - k).reshape(W1.shape)
+            keeps = []
+            for (o0, o1), (k_full, k_last) in zip(bounds, counts):
+                k = jnp.where(b == nblocks - 1, k_last, k_full)
+                s = score[:, o0:o1]
+                keeps.append(keep_top(s.reshape(-1), s.size - k).reshape(s.shape))
+            M1 = ~jnp.concatenate(keeps, axis=1)
         else:
             M1 = jnp.zeros_like(W1, dtype=bool)
 
@@ -218,4 +245,5 @@ def solve(kernel, H, k_full, k_last, nm=None, blocksize: int = 128, percdamp: fl
 
     Wp, mask_p = jax.lax.fori_loop(0, nblocks, block, (Wp, mask_p))
     keep = ~mask_p[:cols]
-    return jnp.where(keep, Wp[:cols], 0.0).astype(kernel.dtype), keep
+    new = jnp.where(keep, Wp[:cols], 0.0)
+    return tuple((new[:, o0:o1].astype(k.dtype), keep[:, o0:o1]) for (o0, o1), k in zip(bounds, kernels))
