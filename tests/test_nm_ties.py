@@ -92,6 +92,17 @@ def test_nm_masks_equal_torch_topk_on_tied_groups(case):
     assert (got.reshape(-1, m, scores.shape[1]).sum(axis=1) == n).all()
 
 
+@given(tied_scores())
+@example((np.ones((12, 8), np.float32), 2, 4))
+@settings(max_examples=60, deadline=None)
+def test_host_nm_selection_equals_torch_topk(case):
+    """`nm_keep_host` (magnitude's N:M selection for CPU kernels: a count where no tie crosses the
+    cut, the compiled replay elsewhere) equals the reference's picks, -0, inf and NaN included."""
+    scores, n, m = case
+    got = M.nm_keep_host(scores.reshape(-1, m, scores.shape[1]), n).reshape(scores.shape)
+    np.testing.assert_array_equal(got, reference_nm_keep(scores, n, m))
+
+
 @pytest.mark.parametrize("group,prune", HEAP_GROUPS)
 def test_heap_selection_fallback_matches_torch(group, prune):
     m = len(group)

@@ -28,8 +28,8 @@ from jaxprune.calibration.capture import path_key, plain_path
 from jaxprune.calibration.driver import default_batch_size, prune_counts, prune_layer, run_layerwise
 from jaxprune.core.checks import check_tokens
 from jaxprune.errors import DataError, InvalidArgumentError, check_int
-from jaxprune.sparsity.masks import (check_sparsity, full_masks, global_masks, group_size, host_view, keep_top_host, n_pruned,
-                                     on_host, parse_pattern, select_count)
+from jaxprune.sparsity.masks import (TORCH_TIES_MAX_M, check_sparsity, full_masks, global_masks, group_size, host_view, keep_top_host, n_pruned,
+                                     nm_keep_host, on_host, parse_pattern, select_count)
 from jaxprune.core.params import Params, get_path, set_path
 from jaxprune.models.stacking import require_layer_list
 from jaxprune.sparsity.sparsegpt import block_counts, solve, solve_group
@@ -266,10 +266,20 @@ def _magnitude_select_host(kernel, n_prune: int, scope: str):
     return jnp.asarray(keep)
 
 
+def _magnitude_nm_host(kernel, nm):
+    """`_magnitude_select` for an N:M pattern on a CPU kernel [in, out]: the same mask, each group of
+    M consecutive inputs of an output selected on the host (`nm_keep_host`)."""
+    n, m = nm
+    w = host_view(kernel)
+    scores = np.abs(w if w.dtype == np.float32 else w.astype(np.float32))
+    return jnp.asarray(nm_keep_host(scores.reshape(scores.shape[0] // m, m, scores.shape[1]), n).reshape(scores.shape))
+
+
 def _magnitude_kernel(kernel, n_prune: int, nm, scope: str):
-    """One kernel's magnitude mask: selected by numpy for unstructured masks of a CPU kernel, else compiled."""
-    if nm is None and on_host(kernel):
-        return _magnitude_select_host(kernel, n_prune, scope)
+    """One kernel's magnitude mask: selected on the host for a CPU kernel (numpy for unstructured
+    masks, fixed-shape pieces for N:M), else compiled for its shape."""
+    if on_host(kernel) and (nm is None or nm[1] <= TORCH_TIES_MAX_M):
+        return _magnitude_select_host(kernel, n_prune, scope) if nm is None else _magnitude_nm_host(kernel, nm)
     return _magnitude_select(kernel, n_prune, nm=nm, scope=scope)
 
 

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import functools
 import re
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -400,6 +401,49 @@ def nm_keep(scores, n: int, axis: int = 0):
     s = jnp.moveaxis(jnp.asarray(scores), axis, -1)
     pruned = _topk_smallest(_torch_key(s).reshape(-1, m), m - n).reshape(s.shape)
     return jnp.moveaxis(~pruned, -1, axis)
+
+
+# Tied groups replayed on the host in pieces of this many groups: one compilation per pattern.
+NM_HOST_ROWS = 1 << 14
+
+
+@partial(jax.jit, static_argnames="n")
+def _nm_rows(groups, n: int):
+    return nm_keep(groups, n, axis=1)
+
+
+def nm_keep_host(groups: np.ndarray, n: int) -> np.ndarray:
+    """`nm_keep(groups, n, axis=1)` for a numpy array [G, M, R] (groups of M <= 16 along axis 1, as in
+    a kernel [in, out] reshaped to [in / M, M, out]), on the host.
+
+    A group whose (M - n)-th and (M - n + 1)-th smallest scores differ has one answer, found by
+    counting, for each entry, the entries below it (M vectorised comparisons); only groups tied
+    across that cut need torch's tie rule, and those are replayed by the compiled `nm_keep` in
+    fixed-shape pieces (one compilation per pattern, whatever the matrix).
+
+    Example:
+        >>> g = np.array([[4., 1., 3., 2.], [1., 1., 1., 1.]], np.float32)[:, :, None]
+        >>> nm_keep_host(g, 2)[:, :, 0].tolist()
+        [[True, False, True, False], [True, True, False, False]]
+    """
+    m = groups.shape[1]
+    k = m - n
+    x = np.asarray(groups, np.float32) + np.float32(0)   # -0 becomes +0 (torch compares them equal)
+    below = np.zeros(x.shape, np.int8)      # entries of the group scoring below this one
+    not_above = np.zeros(x.shape, np.int8)  # ... at or below it (itself included)
+    for j in range(m):
+        other = x[:, j:j + 1]
+        below += other < x
+        not_above += other <= x
+    keep = below >= k                          # the k smallest pruned, where no tie crosses the cut
+    tied = ((below < k) & (not_above > k)).any(axis=1) | np.isnan(x).any(axis=1)   # NaN: torch's rule too
+    g_idx, r_idx = np.nonzero(tied)
+    for s in range(0, len(g_idx), NM_HOST_ROWS):
+        gi, ri = g_idx[s:s + NM_HOST_ROWS], r_idx[s:s + NM_HOST_ROWS]
+        piece = np.zeros((NM_HOST_ROWS, m), np.float32)
+        piece[:len(gi)] = x[gi, :, ri]
+        keep[gi, :, ri] = np.asarray(_nm_rows(piece, n))[:len(gi)]
+    return keep
 
 
 def n_pruned(n: int, sparsity: float) -> int:
