@@ -313,13 +313,15 @@ def test_sparsegpt_solver_on_a_wide_kernel_matches_reference(nm):
     assert (np.asarray(new).T[~keep] == 0).all()
 
 
-@settings(max_examples=12, deadline=None, derandomize=True, database=None)
-@given(widths=st.lists(st.integers(1, 40), min_size=2, max_size=3), d=st.sampled_from([8, 24, 40]),
-       nm=st.sampled_from([None, (2, 4)]), sparsity=st.sampled_from([0.3, 0.5]), seed=st.integers(0, 99))
-def test_sparsegpt_group_solve_equals_solving_each_kernel_alone(widths, d, nm, sparsity, seed):
+@pytest.mark.parametrize("nm", [None, (2, 4)])
+@settings(max_examples=4, deadline=None, derandomize=True, database=None)
+@given(sparsity=st.sampled_from([0.3, 0.5]), seed=st.integers(0, 99))
+def test_sparsegpt_group_solve_equals_solving_each_kernel_alone(nm, sparsity, seed):
     """Kernels sharing one Hessian (q/k/v, gate/up) solved together: each gets what `solve` gives it
     alone (its own mask and prune counts; the reference comparison of `solve` is above, and
-    test_sparsegpt_matches_reference runs the grouped path against numpy)."""
+    test_sparsegpt_matches_reference runs the grouped path against numpy). 40 inputs: two full
+    blocks of 16 and a partial one; fixed shapes, so each program compiles once."""
+    widths, d = (24, 8, 8), 40
     from jaxprune.sparsity.sparsegpt import block_counts, solve, solve_group
     rng = np.random.default_rng(seed)
     X = jnp.asarray(rng.standard_normal((3 * d, d)), jnp.float32)
