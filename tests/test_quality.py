@@ -1,7 +1,10 @@
 """Quality on real models: SmolLM2-135M (GGUF) and the small OPT trained on the bundled text.
 
-SmolLM2 follows the protocol of issue #4 exactly; the reference figures are those of
-locuslab/wanda's PyTorch implementation run on the same weights (dense 26.77).
+SmolLM2 follows the protocol of issue #4 (benchmarks/oneshot.py runs it whole) on the first 32 of
+its 64 evaluation windows, to halve the evaluation's time in the suite: the reference figures are
+the perplexities, on those windows, of the weights locuslab/wanda's PyTorch procedure prunes
+(benchmarks/reference_torch.py, run on the same weights and calibration; on all 64 windows they
+give 363.17, 51.44 and 40.24, the issue's figures). Dense: 26.77 on 64 windows, DENSE_32 on 32.
 """
 
 from __future__ import annotations
@@ -12,7 +15,9 @@ import pytest
 
 import jaxprune as jp
 
-REFERENCE_50 = {"magnitude": 363.17, "wanda": 51.48, "sparsegpt": 40.38}
+REFERENCE_50 = {"magnitude": 337.06, "wanda": 47.77, "sparsegpt": 37.56}   # first 32 windows
+DENSE_32 = 25.14
+EVAL_WINDOWS = 32
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "tiny_opt")
 
 
@@ -28,7 +33,7 @@ def test_smollm2_one_shot_quality_matches_the_reference(smollm2, method):
     deterministic given the calibration, so they must also not be much *better* than the reference
     (a sign of a different protocol); with the bands, SparseGPT < Wanda < magnitude follows."""
     params, tok = smollm2
-    ev = jp.eval_windows(tok, jp.bundled_text("prideprejudice"), seqlen=512, max_windows=64)
+    ev = jp.eval_windows(tok, jp.bundled_text("prideprejudice"), seqlen=512, max_windows=EVAL_WINDOWS)
     if method == "magnitude":
         pruned = jp.apply_masks(params, jp.magnitude(params, 0.5))
     elif method == "wanda":
@@ -40,7 +45,7 @@ def test_smollm2_one_shot_quality_matches_the_reference(smollm2, method):
     assert ppl <= ref * 1.02, (method, ppl, ref)
     if method != "sparsegpt":
         assert ppl >= ref * 0.98, (method, ppl, ref)
-    assert ppl > 26.77, ppl                          # no pruned model beats the dense one
+    assert ppl > DENSE_32, ppl                       # no pruned model beats the dense one
 
 
 def test_trained_opt_fixture_orders_methods():
