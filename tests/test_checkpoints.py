@@ -126,3 +126,26 @@ def test_a_corrupt_array_store_is_refused_with_nothing_left_running(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.split() == ["refused:", "True"] * 5
     assert "Event loop is closed" not in run.stderr and "Traceback" not in run.stderr, run.stderr[-2000:]
+
+
+def test_odd_directory_names_load_and_hostile_array_names_are_refused(tmp_path):
+    """A checkpoint under a directory named with '#', '|' and a space loads (the array store is
+    opened by path, not by URL). Array names in `_METADATA` that are not integers where an index is
+    due, or that leave the item ('..', '/'), are a CheckpointError before anything is read."""
+    import json
+    params = tiny()
+    path = jp.save_checkpoint(str(tmp_path / "run #3|a" / "ck"), params)
+    assert same(jp.load_checkpoint(path).params, params)
+    meta_file = os.path.join(path, "params", "_METADATA")
+    with open(meta_file) as f:
+        meta = json.load(f)
+    first = next(iter(meta["tree_metadata"]))
+    for keys in ([{"key": "layers", "key_type": 2}, {"key": "\u00b2", "key_type": 1}],
+                 [{"key": "layers", "key_type": 2}, {"key": "9" * 5000, "key_type": 1}],
+                 [{"key": "..", "key_type": 2}], [{"key": "a/b", "key_type": 2}]):
+        bad = json.loads(json.dumps(meta))
+        bad["tree_metadata"][first]["key_metadata"] = keys
+        with open(meta_file, "w") as f:
+            json.dump(bad, f)
+        with pytest.raises(jp.CheckpointError, match="_METADATA"):
+            jp.load_checkpoint(path)

@@ -33,6 +33,7 @@ In a training loop, let orbax's `CheckpointManager` keep the last few steps:
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from typing import NamedTuple
@@ -186,10 +187,13 @@ def _disk_bytes(directory: str) -> int:
 MAX_GATE_ARRAYS = 4096       # a gates item holds a few arrays per layer
 
 
-def _stored_keys(item_dir: str, source: str) -> dict[str, str]:
-    """keystr path -> stored array name of a StandardSave item, from its `_METADATA` JSON."""
-    from jaxprune.io.untrusted import read_json_dict, short
-    meta = read_json_dict(os.path.join(item_dir, "_METADATA"), "orbax _METADATA", MAX_JSON_BYTES)
+_INDEX = re.compile(r"[0-9]{1,9}")
+
+
+def _stored_keys(meta: dict, item_dir: str, source: str) -> dict[str, str]:
+    """keystr path -> stored array name of a StandardSave item, from its `_METADATA` JSON `meta`
+    (entries orbax marks `skip_deserialize`, empty nodes and None, hold no array and are left out)."""
+    from jaxprune.io.untrusted import short
     tree = meta.get("tree_metadata")
     if not isinstance(tree, dict):
         raise CheckpointError(f"{source}: {os.path.basename(item_dir)}/_METADATA has no tree_metadata object")
@@ -200,39 +204,48 @@ def _stored_keys(item_dir: str, source: str) -> dict[str, str]:
                 isinstance(k, dict) and isinstance(k.get("key"), str) and k.get("key_type") in (1, 2) for k in keys):
             raise CheckpointError(f"{source}: {os.path.basename(item_dir)}/_METADATA holds a malformed "
                                   f"entry {short(entry)}")
-        if any(k["key_type"] == 1 and not k["key"].isdigit() for k in keys):
+        value = entry.get("value_metadata")
+        if isinstance(value, dict) and value.get("skip_deserialize") is True:
+            continue
+        if any(k["key_type"] == 1 and not _INDEX.fullmatch(k["key"]) for k in keys):
             raise CheckpointError(f"{source}: {os.path.basename(item_dir)}/_METADATA holds a non-integer "
                                   f"list index in {short(entry)}")
+        if any(not k["key"] or k["key"] in (".", "..") or any(c in k["key"] for c in "/\\\0") for k in keys):
+            raise CheckpointError(f"{source}: {os.path.basename(item_dir)}/_METADATA names an array outside "
+                                  f"its item: {short(entry)}")
         path = "".join(f"[{int(k['key'])}]" if k["key_type"] == 1 else f"[{k['key']!r}]" for k in keys)
         out[path] = ".".join(k["key"] for k in keys)
     return out
 
 
-def _array_metadata(item_dir: str, source: str, expected: set | None = None,
-                    limit: int = MAX_GATE_ARRAYS) -> dict[str, tuple]:
+def _array_metadata(item_dir: str, source: str, expected: set | None = None) -> dict[str, tuple]:
     """keystr path -> (shape, dtype) of a StandardSave item, read from its metadata only.
 
     Each array's zarr header is opened through tensorstore one at a time and waited for, so a
     corrupt file fails here with nothing left running. (Orbax's own metadata reader gathers
     the opens on an asyncio loop; when one fails, it raises while the others are still in flight,
     and their completions later land on a closed loop, which crashed the process at random.)
-    `expected` (the key paths the config implies) is checked before any array is opened."""
+    `expected` (the key paths the config implies) is checked before any array is opened; without
+    it (gates) an item holds at most MAX_GATE_ARRAYS arrays."""
     import tensorstore as ts
     from jaxprune.io.untrusted import read_json_dict, short
     name = os.path.basename(item_dir)
-    keys = _stored_keys(item_dir, source)
+    meta = read_json_dict(os.path.join(item_dir, "_METADATA"), "orbax _METADATA", MAX_JSON_BYTES)
+    keys = _stored_keys(meta, item_dir, source)
     if expected is not None and set(keys) != expected:
         bad = sorted(set(keys) ^ expected)
         raise CheckpointError(f"{source}: {name}/ does not match the config ({len(bad)} arrays differ, "
                               f"e.g. {short(bad[:3], 200)})")
-    if len(keys) > limit:
-        raise CheckpointError(f"{source}: {name}/ holds {len(keys)} arrays (at most {limit})")
-    meta = read_json_dict(os.path.join(item_dir, "_METADATA"), "orbax _METADATA", MAX_JSON_BYTES)
+    if expected is None and len(keys) > MAX_GATE_ARRAYS:
+        raise CheckpointError(f"{source}: {name}/ holds {len(keys)} arrays (at most {MAX_GATE_ARRAYS})")
     driver = "zarr3" if meta.get("use_zarr3") else "zarr"
-    base = "file://" + item_dir.rstrip(os.sep) + os.sep
+    use_ocdbt = meta.get("use_ocdbt")
+    if not isinstance(use_ocdbt, bool):   # as orbax decides when the flag is absent
+        use_ocdbt = os.path.exists(os.path.join(item_dir, "manifest.ocdbt"))
+    base = {"driver": "file", "path": item_dir.rstrip(os.sep) + os.sep}   # a path, not a URL: '#', '|' kept
     out = {}
     for path, stored in keys.items():
-        if meta.get("use_ocdbt", True):
+        if use_ocdbt:
             kvstore = {"driver": "ocdbt", "base": base, "path": stored}
         else:
             kvstore = {"driver": "file", "path": os.path.join(item_dir, stored) + os.sep}
