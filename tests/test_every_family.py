@@ -83,6 +83,11 @@ def test_one_shot_methods(family):
     assert np.isfinite(jp.perplexity(pruned, x, seqlen=T)) and np.isfinite(dense_ppl)
 
 
+# L0 and LoRA train through the forward: run on the families whose layers differ (plain, biased
+# post-LN OPT, Gemma 2's post-norms and soft-capping, Qwen 3's q/k norms), not on all seven.
+TRAINED_FAMILIES = ("llama", "opt", "gemma2", "qwen3")
+
+
 def test_structured_methods_and_compaction(family):
     name, params = family
     calib = _calib(params.config)
@@ -95,6 +100,8 @@ def test_structured_methods_and_compaction(family):
     f = jp.finercut(params, calib, n_remove=2, submodels_per_batch=4, show_progress=False)
     assert len(f.order) == 2
     _close(jp.forward(jp.compact(params, f.gates), x), jp.forward(params, x, f.gates))
+    if name not in TRAINED_FAMILIES:   # the others' layers repeat these (their structure is covered above)
+        return
     r = jp.l0_prune(params, calib, target=0.3, steps=4, warmup=2, batch_size=2, key=jax.random.key(0),
                     show_progress=False)
     assert 0.0 < r.removed_fraction
