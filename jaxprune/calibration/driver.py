@@ -5,6 +5,7 @@ dense passes of one-shot pruning over one decoder layer at a time, in memory
 
 from __future__ import annotations
 
+import collections
 import gc
 from typing import Callable
 import flax.linen as nn
@@ -197,8 +198,8 @@ class LayerPruner:
         as soon as it exists and not kept."""
         masks = {}
         counts = prune_counts(self.prune_dense, lp, stats, sparsity)
-        seen = [p for g in groups for p in g]   # a module called on two inputs is solved alone
-        joint = [g for g in (tuple(p for p in g if p in stats and seen.count(p) == 1) for g in groups) if len(g) > 1]
+        calls_of = collections.Counter(p for g in groups for p in g)   # a module called on two inputs is solved alone
+        joint = [g for g in (tuple(p for p in g if p in stats and calls_of[p] == 1) for g in groups) if len(g) > 1]
         grouped = {p for g in joint for p in g}
         calls = sorted([(p,) for p in stats if p not in grouped] + joint)
         for group in calls:

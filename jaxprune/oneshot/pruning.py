@@ -253,11 +253,15 @@ def _magnitude_select(kernel, n_prune, nm, scope):
     return select_count(criteria.magnitude(kernel), n_prune, nm, scope)
 
 
+def _host_float32(kernel) -> np.ndarray:
+    """A CPU kernel as a float32 numpy array (no copy when it already is one)."""
+    w = host_view(kernel)
+    return w if w.dtype == np.float32 else w.astype(np.float32)
+
+
 def _magnitude_select_host(kernel, n_prune: int, scope: str):
     """`_magnitude_select` (unstructured) for a kernel on the CPU, selected by numpy: the same mask."""
-    w = host_view(kernel)
-    if w.dtype != np.float32:
-        w = w.astype(np.float32)
+    w = _host_float32(kernel)
     key = np.ascontiguousarray(w).view(np.int32) & np.int32(0x7FFFFFFF)   # _sortable_key(|w|)
     if scope == "row" and w.ndim == 2:
         keep = keep_top_host(None, w.shape[0] - n_prune, axis=0, key=key)
@@ -270,8 +274,7 @@ def _magnitude_nm_host(kernel, nm):
     """`_magnitude_select` for an N:M pattern on a CPU kernel [in, out]: the same mask, each group of
     M consecutive inputs of an output selected on the host (`nm_keep_host`)."""
     n, m = nm
-    w = host_view(kernel)
-    scores = np.abs(w if w.dtype == np.float32 else w.astype(np.float32))
+    scores = np.abs(_host_float32(kernel))
     return jnp.asarray(nm_keep_host(scores.reshape(scores.shape[0] // m, m, scores.shape[1]), n).reshape(scores.shape))
 
 
