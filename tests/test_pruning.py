@@ -334,3 +334,23 @@ def test_sparsegpt_group_solve_equals_solving_each_kernel_alone(nm, sparsity, se
         assert keep.shape == W.shape and new.dtype == W.dtype
         np.testing.assert_array_equal(keep, keep_alone)
         np.testing.assert_allclose(new, new_alone, atol=1e-5 * float(jnp.abs(new_alone).max()), rtol=0)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), pattern=st.sampled_from([None, (2, 4), (4, 8)]),
+       scope=st.sampled_from(["row", "layer"]), levels=st.integers(1, 6), sparsity=st.sampled_from([0.3, 0.5, 0.7]))
+def test_wanda_host_selection_equals_compiled(seed, pattern, scope, levels, sparsity):
+    """WandaRule.prune_host (numpy, for CPU kernels) gives the compiled rule's mask and weights bit for
+    bit, on kernels and statistics with many equal scores (few levels), so the tie rules agree."""
+    from jaxprune.oneshot.pruning import WandaRule
+    rng = np.random.default_rng(seed)
+    kernel = jnp.asarray(rng.integers(-levels, levels + 1, (16, 24)).astype(np.float32) / 4)
+    stat = jnp.asarray(rng.integers(0, 3, 16).astype(np.float32))
+    count = jnp.asarray(6.0, jnp.float32)
+    rule = WandaRule(nm=pattern, scope=scope)
+    n = rule.counts(kernel.shape, sparsity)
+    host = rule.prune_host({"kernel": kernel}, stat, count, n)
+    assert host is not None
+    compiled = jax.jit(rule, static_argnums=0)(None, {"kernel": kernel}, stat, count, jnp.int32(n))
+    np.testing.assert_array_equal(np.asarray(host[1]), np.asarray(compiled[1]))
+    np.testing.assert_array_equal(np.asarray(host[0]["kernel"]), np.asarray(compiled[0]["kernel"]))

@@ -118,6 +118,32 @@ def _one_pass(lp, X, ctx, counts, config, kg, kind, rule, target, layer_type=Non
     return new_lp, masks, Y
 
 
+def _dense_from(x, params):
+    y = jnp.dot(x, params["kernel"].astype(x.dtype))
+    return y + params["bias"].astype(y.dtype) if "bias" in params else y
+
+
+def _stage_pass(lp, x, ctx, ins, stage, config, kg, kind, layer_type=None):
+    """One chunk of one as-you-go stage: the modules of finished stages (the keys of `ins`, their
+    cached inputs) compute from those inputs with lp's (pruned) weights, so XLA drops the work that
+    produced them. Returns (the input that `stage`'s modules share, its statistic), or, for the
+    empty stage, the layer's output."""
+    found = []
+
+    def on_dense(path, module, xin, call):
+        if path in ins:
+            return _dense_from(ins[path], module.variables["params"])
+        if path in stage and not found:
+            found.append(xin)
+        return call()
+
+    with nn.intercept_methods(_dense_interceptor(on_dense)):
+        y = _family_layer(config, lp, x, ctx, kg, layer_type)
+    if not stage:
+        return y
+    return found[0], (input_stat(kind, found[0]) if kind else None)
+
+
 # The compiled passes, built once: everything that selects a program (the config, the layer's K/V
 # grouping, the statistic, the prune rule, the targeted modules) is a static, hashable argument, and
 # prune counts are traced, so JAX's own cache serves every later call, layer and sparsity.
@@ -129,6 +155,7 @@ _prune_one_jit = jax.jit(_prune_one, static_argnames=("rule", "path"))
 _prune_one_donating_jit = jax.jit(_prune_one, static_argnames=("rule", "path"), donate_argnums=(0,))
 _prune_group_jit = jax.jit(_prune_group, static_argnames=("rule",))
 _one_pass_jit = jax.jit(_one_pass, static_argnames=_LAYER_STATIC + ("kind", "rule", "target"))
+_stage_pass_jit = jax.jit(_stage_pass, static_argnames=_LAYER_STATIC + ("kind", "stage"))
 
 
 class LayerPruner:
@@ -208,9 +235,13 @@ class LayerPruner:
                                            tuple(counts[p] for p in group), rule=self.prune_dense)
             else:
                 path = group[0]
-                key = path if getattr(self.prune_dense, "uses_path", True) else None   # one compilation per shape
-                results = [self._prune_one(get_path(lp, path), stats[path], count, counts[path],
-                                           rule=self.prune_dense, path=key)]
+                host = getattr(self.prune_dense, "prune_host", None)   # a selection faster on the host
+                result = host(get_path(lp, path), stats[path], count, counts[path]) if host else None
+                if result is None:
+                    key = path if getattr(self.prune_dense, "uses_path", True) else None   # one compilation per shape
+                    result = self._prune_one(get_path(lp, path), stats[path], count, counts[path],
+                                             rule=self.prune_dense, path=key)
+                results = [result]
             for path, (new, keep) in zip(group, results):
                 if take_mask is None:
                     masks[path] = keep
@@ -228,6 +259,10 @@ class LayerPruner:
         temporaries at once); else ()."""
         if self.donate or not hasattr(self.prune_dense, "prune_group"):
             return ()
+        return self._input_groups(lp, x, ctx, kg, layer_type)
+
+    def _input_groups(self, lp, x, ctx, kg, layer_type):
+        """`input_groups` of the layer, found by an abstract trace, cached per layer structure."""
         key = (kg, layer_type, jax.tree.structure(lp))
         if key not in self._groups:
             found = []
@@ -235,6 +270,40 @@ class LayerPruner:
                 lambda: _family_layer(self.config, lp, x, ctx, kg, layer_type))), lp, x)
             self._groups[key] = found[0]
         return self._groups[key]
+
+    def stages(self, lp, x, ctx, kg, target, layer_type=None):
+        """As-you-go stages: the targeted modules grouped by the input they share, in call order
+        (q/k/v, o, gate/up, down), or None when a targeted module is called more than once (its
+        input is not one tensor: such layers run as one pass over all chunks at once)."""
+        groups = self._input_groups(lp, x, ctx, kg, layer_type)
+        calls = collections.Counter(p for g in groups for p in g)
+        if any(calls[p] != 1 for p in target):
+            return None
+        return tuple(s for s in (tuple(p for p in g if p in target) for g in groups) if s)
+
+    def _staged(self, lp, X: list, ctx, kg, stages, sparsity, count, take_mask, layer_type, need_output):
+        """As-you-go chunk by chunk: for each stage in call order, its shared input and statistic from
+        every chunk (earlier stages' modules computing from their cached inputs with pruned weights),
+        then its modules pruned (together where the rule solves groups). Costs about one forward of
+        the layer plus the cached inputs' memory."""
+        ins = [{} for _ in X]
+        masks = {}
+        groups = stages if not self.donate and hasattr(self.prune_dense, "prune_group") else ()
+        for stage in stages:
+            total = None
+            for c, x in enumerate(X):
+                xin, st = _stage_pass_jit(lp, x, ctx, ins[c], config=self.config, kg=kg, kind=self.kind,
+                                          stage=stage, layer_type=layer_type)
+                ins[c].update(dict.fromkeys(stage, xin))
+                total = st if total is None else jax.tree.map(jnp.add, total, st)
+            lp, stage_masks = self.prune(lp, dict.fromkeys(stage, total), count, sparsity, take_mask, groups)
+            masks.update(stage_masks)
+            del total
+        if not need_output:
+            return lp, masks, X
+        Y = [_stage_pass_jit(lp, x, ctx, ins[c], config=self.config, kg=kg, kind=self.kind, stage=(),
+                             layer_type=layer_type) for c, x in enumerate(X)]
+        return lp, masks, Y
 
     def _collect(self, lp):
         """In the low-memory configuration, return finished calls' temporaries now: on CPU they are
@@ -248,13 +317,15 @@ class LayerPruner:
         """Prune one layer from its input chunks X; returns (new lp, masks, next layer's input chunks).
 
         `take_mask(path, keep)`, if given, receives each mask as soon as it exists and step returns
-        {} for them, so the caller can store them compactly and free them (sequential and dense
-        modes). `layer_type` is the layer's `models.layer_type` (needed where types differ). With
+        {} for them, so the caller can store them compactly and free them. `layer_type` is the layer's `models.layer_type` (needed where types differ). With
         `need_output=False` (the last layer) a layer left unpruned, or one pruned in sequential mode,
         is not run again and X comes back unchanged."""
         if not target:
             return lp, {}, (self.run(lp, X, ctx, kg, layer_type) if need_output else X)
         if self.mode == "as-you-go":
+            stages = self.stages(lp, X[0], ctx, kg, target, layer_type) if self.jit_passes else None
+            if stages is not None:
+                return self._staged(lp, X, ctx, kg, stages, sparsity, count, take_mask, layer_type, need_output)
             sizes = [x.shape[0] for x in X]
             counts = prune_counts(self.prune_dense, lp, target, sparsity)
             new_lp, masks, Y = _one_pass_jit(lp, jnp.concatenate(X), ctx, counts, config=self.config, kg=kg,
@@ -324,15 +395,20 @@ def run_layerwise(params: Params, tokens, kind: str | None, prune_dense: Callabl
     * ``rule(path, dense, stat, count, n) -> (new dense params, keep mask)``: prunes one linear
       layer (`dense` = {"kernel", "bias"?}) from its summed input statistic over `count` tokens,
       `n` being its counts, traced (int32): one compilation serves every sparsity;
-    * ``uses_path``: whether the result depends on `path` (if not, one compilation per shape).
+    * ``uses_path``: whether the result depends on `path` (if not, one compilation per shape);
+    * optionally ``prune_group(denses, stat, count, ns)``: layers sharing one input pruned together,
+      and ``prune_host(dense, stat, count, n)``: `rule` computed on the host, or None where it does not
+      apply (the compiled `rule` then runs).
 
     `sparsities[i]` is layer i's target and `targets[i]` the set of module paths
     (e.g. ('self_attn', 'q_proj')) to prune in layer i. Modes:
 
     * ``sequential`` (the reference): statistics from the layer as it is, prune, then re-run the
       pruned layer to produce the next layer's input (two passes per layer);
-    * ``as-you-go``: one pass per layer over all calibration tokens at once; each linear layer is
-      pruned the moment its input arrives, so later sublayers see earlier ones already pruned;
+    * ``as-you-go``: each linear layer is pruned as soon as its input statistics are complete, so
+      later sublayers see earlier ones already pruned; about one pass per layer (`LayerPruner.stages`:
+      each group of layers sharing an input is one stage run chunk by chunk, finished stages'
+      layers computing from their cached inputs);
     * ``dense``: statistics of the unpruned model (the next input is the dense layer's output).
 
     `batch_size` windows run per forward (default: `default_batch_size`). `place(token_chunk)` places
