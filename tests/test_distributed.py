@@ -25,8 +25,9 @@ def _env(**extra):
 
 
 def test_eight_device_suite():
-    """tests/multidevice under XLA_FLAGS=--xla_force_host_platform_device_count=8: masks on 1, 2 and 8
-    devices agree, user pmap/shard_map, sharded params, data-parallel structured utilities."""
+    """tests/multidevice under XLA_FLAGS=--xla_force_host_platform_device_count=8: masks on one and 8
+    devices and a 4 x 2 mesh agree, user pmap/shard_map, sharded params, data-parallel structured
+    utilities."""
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.join(HERE, "multidevice")],
                        cwd=ROOT, env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"),
                        capture_output=True, text=True, timeout=1200)

@@ -174,11 +174,10 @@ def test_greedy_tokens_equal_transformers_generate_random_llama(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.skipif(torch_missing, reason="needs torch + transformers")
-def test_greedy_tokens_equal_transformers_generate_smollm2(tmp_path):
+def test_greedy_tokens_equal_transformers_generate_smollm2(tmp_path, smollm2):
     import torch
     import transformers
-    params = jp.load("smollm2-135m")
-    tok = jp.tokenizer("smollm2-135m")
+    params, tok = smollm2
     jp.save(params, str(tmp_path / "m"))
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "m"), torch_dtype=torch.float32).eval()
     prompts = ["It is a truth universally acknowledged, that", "The capital of France is"]
