@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 
 import numpy as np
 import pytest
@@ -56,23 +54,3 @@ def smollm2():
 # tests/workers holds scripts that tests run as subprocesses.
 collect_ignore = ["workers"] + ([] if "device_count" in os.environ.get("XLA_FLAGS", "") else ["multidevice"])
 
-
-def pytest_configure(config):
-    """One JAX persistent compilation cache for the whole run, shared by both xdist workers and every
-    subprocess a test starts (they inherit the environment): most of the suite's time is compiling
-    the same tiny-model programs, and a program compiled once is then read from disk. The cache starts
-    empty in each run (a fresh temporary directory, removed at the end), so nothing carries over
-    between runs; a JAX_COMPILATION_CACHE_DIR set by the caller is used instead. A size limit turns on
-    JAX's file lock, so the two workers never read an entry while the other writes it. JAX records
-    its backend-compile event for cache reads too, so tests/test_compile_once.py still sees them."""
-    if hasattr(config, "workerinput") or os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-        return
-    config._jax_cache_dir = tempfile.mkdtemp(prefix="jaxprune-tests-jax-cache-")
-    os.environ.update(JAX_COMPILATION_CACHE_DIR=config._jax_cache_dir,
-                      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                      JAX_COMPILATION_CACHE_MAX_SIZE=str(16 << 30))
-
-
-def pytest_unconfigure(config):
-    if getattr(config, "_jax_cache_dir", None):
-        shutil.rmtree(config._jax_cache_dir, ignore_errors=True)

@@ -2,8 +2,8 @@
 per-layer sparsities (OWL) do not compile the pruning pass once per layer.
 
 Compilations are counted with a `jax.monitoring` listener on JAX's backend-compile event
-(recorded once per XLA program compiled or read from the persistent compilation cache that
-tests/conftest.py turns on for the run, eager ops included; in-memory cache hits record nothing). The listener is removed after each count, and no JAX config is changed."""
+(recorded once per XLA program actually compiled, eager ops included; cache hits record
+nothing). The listener is removed after each count, and no JAX config is changed."""
 
 from __future__ import annotations
 
