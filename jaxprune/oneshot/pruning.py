@@ -159,6 +159,11 @@ def _column_block(n_out: int, limit: int = 1024) -> int:
     return max(d for d in range(1, limit + 1) if n_out % d == 0)
 
 
+# Wanda selects a CPU kernel on the host up to this many scores (4 MiB of float32 scores; SmolLM2's
+# largest kernel has 884,736).
+HOST_SELECT_MAX = 1 << 20
+
+
 @dataclasses.dataclass(frozen=True)
 class WandaRule:
     """Wanda's prune rule for `run_layerwise` / `LayerPruner`: |W| * ||X|| scores, `n` (traced) pruned
@@ -201,9 +206,11 @@ class WandaRule:
         """`self(path, dense, stat, count, n)` on the host for a kernel, statistic and count each held
         whole by one CPU device: the same scores in float32 and the same mask (numpy's introselect,
         `nm_keep_host` for N:M), several times faster than the compiled selection. None where it does
-        not apply (accelerators, sharded or traced arrays, M > TORCH_TIES_MAX_M, M not dividing)."""
+        not apply (accelerators, sharded or traced arrays, M > TORCH_TIES_MAX_M, M not dividing), or
+        for a kernel of more than HOST_SELECT_MAX scores: the compiled rule selects those in blocks of
+        columns, so a 7B-sized matrix's float32 scores never exist whole."""
         kernel = dense["kernel"]
-        if kernel.ndim != 2 or not (on_host(kernel) and on_host(stat) and on_host(count)):
+        if kernel.ndim != 2 or kernel.size > HOST_SELECT_MAX or not (on_host(kernel) and on_host(stat) and on_host(count)):
             return None
         if self.nm is not None and (self.nm[1] > TORCH_TIES_MAX_M or kernel.shape[0] % self.nm[1]):
             return None
