@@ -99,6 +99,12 @@ def _prune_group(denses, stat, count, ns, rule):
     return rule.prune_group(denses, stat, count, ns)
 
 
+def _dense_from(x, params):
+    """A linear layer {"kernel", "bias"?} on x, the kernel cast to x's dtype."""
+    y = jnp.dot(x, params["kernel"].astype(x.dtype))
+    return y + params["bias"].astype(y.dtype) if "bias" in params else y
+
+
 def _one_pass(lp, X, ctx, counts, config, kg, kind, rule, target, layer_type=None):
     """As-you-go: each targeted linear layer pruned the moment its input arrives."""
     new_lp, masks = lp, {}
@@ -110,17 +116,11 @@ def _one_pass(lp, X, ctx, counts, config, kg, kind, rule, target, layer_type=Non
         st = input_stat(kind, x) if kind else None
         new, masks[path] = rule(path, get_path(lp, path), st, x.size // x.shape[-1], counts[path])
         new_lp = set_path(new_lp, path, new)
-        y = jnp.dot(x, new["kernel"].astype(x.dtype))
-        return y + new["bias"].astype(y.dtype) if "bias" in new else y
+        return _dense_from(x, new)
 
     with nn.intercept_methods(_dense_interceptor(on_dense)):
         Y = _family_layer(config, lp, X, ctx, kg, layer_type)
     return new_lp, masks, Y
-
-
-def _dense_from(x, params):
-    y = jnp.dot(x, params["kernel"].astype(x.dtype))
-    return y + params["bias"].astype(y.dtype) if "bias" in params else y
 
 
 def _stage_pass(lp, x, ctx, ins, stage, config, kg, kind, layer_type=None):
@@ -288,7 +288,7 @@ class LayerPruner:
         the layer plus the cached inputs' memory."""
         ins = [{} for _ in X]
         masks = {}
-        groups = stages if not self.donate and hasattr(self.prune_dense, "prune_group") else ()
+        groups = self.groups(lp, X[0], ctx, kg, layer_type)
         for stage in stages:
             total = None
             for c, x in enumerate(X):
@@ -317,8 +317,8 @@ class LayerPruner:
         """Prune one layer from its input chunks X; returns (new lp, masks, next layer's input chunks).
 
         `take_mask(path, keep)`, if given, receives each mask as soon as it exists and step returns
-        {} for them, so the caller can store them compactly and free them. `layer_type` is the layer's `models.layer_type` (needed where types differ). With
-        `need_output=False` (the last layer) a layer left unpruned, or one pruned in sequential mode,
+        {} for them, so the caller can store them compactly and free them. `layer_type` is the
+        layer's `models.layer_type` (needed where types differ). With `need_output=False` (the last layer) a layer left unpruned, or one pruned in sequential mode,
         is not run again and X comes back unchanged."""
         if not target:
             return lp, {}, (self.run(lp, X, ctx, kg, layer_type) if need_output else X)

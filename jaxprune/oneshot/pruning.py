@@ -216,13 +216,7 @@ class WandaRule:
             return None
         norms = host_view(stat).astype(np.float32) / host_view(count).astype(np.float32)
         scores = np.abs(_host_float32(kernel)) * np.sqrt(norms)[:, None]
-        if self.nm is not None:
-            n_keep, m = self.nm
-            keep = nm_keep_host(scores.reshape(scores.shape[0] // m, m, scores.shape[1]), n_keep).reshape(scores.shape)
-        elif self.scope == "row":
-            keep = keep_top_host(scores, scores.shape[0] - int(n), axis=0)
-        else:
-            keep = keep_top_host(scores.reshape(-1), scores.size - int(n)).reshape(scores.shape)
+        keep = _select_host(scores, int(n), self.nm, self.scope)
         return {**dense, "kernel": jnp.asarray(np.where(keep, host_view(kernel), 0))}, jnp.asarray(keep)
 
 
@@ -298,12 +292,21 @@ def _magnitude_select_host(kernel, n_prune: int, scope: str):
     return jnp.asarray(keep)
 
 
+def _select_host(scores: np.ndarray, n_prune: int, nm, scope: str) -> np.ndarray:
+    """`select_count` on the host for float32 scores [in, out]: the same mask (N:M groups of M
+    consecutive inputs by `nm_keep_host`, else numpy's introselect per output row or per tensor)."""
+    if nm is not None:
+        n, m = nm
+        return nm_keep_host(scores.reshape(scores.shape[0] // m, m, scores.shape[1]), n).reshape(scores.shape)
+    if scope == "row" and scores.ndim == 2:
+        return keep_top_host(scores, scores.shape[0] - n_prune, axis=0)
+    return keep_top_host(scores.reshape(-1), scores.size - n_prune).reshape(scores.shape)
+
+
 def _magnitude_nm_host(kernel, nm):
     """`_magnitude_select` for an N:M pattern on a CPU kernel [in, out]: the same mask, each group of
     M consecutive inputs of an output selected on the host (`nm_keep_host`)."""
-    n, m = nm
-    scores = np.abs(_host_float32(kernel))
-    return jnp.asarray(nm_keep_host(scores.reshape(scores.shape[0] // m, m, scores.shape[1]), n).reshape(scores.shape))
+    return jnp.asarray(_select_host(np.abs(_host_float32(kernel)), 0, nm, "row"))
 
 
 def _magnitude_kernel(kernel, n_prune: int, nm, scope: str):
