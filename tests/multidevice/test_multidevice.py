@@ -91,8 +91,10 @@ def test_wanda_nm_and_sharded_params_in(model):
         np.testing.assert_array_equal(a, b)
 
 
-def test_sparsegpt_on_1_and_8_devices_and_4x2(model):
-    params, calib = model
+def test_sparsegpt_on_1_and_8_devices_and_4x2():
+    """On Llama (OPT's layers shard by the same rules, and its Wanda masks are checked above)."""
+    params = jp.init(LLAMA, jax.random.key(0))
+    calib = np.asarray(jax.random.randint(jax.random.key(1), (16, 32), 0, LLAMA.vocab_size))
     ref_p, ref_m = jp.sparsegpt(params, calib, 0.5, blocksize=32)
     for name, mesh in list(meshes().items())[1:]:
         new_p, masks = jp.sparsegpt(params, calib, 0.5, blocksize=32, mesh=mesh)
@@ -226,7 +228,9 @@ def _family_configs():
     }
 
 
-@pytest.mark.parametrize("name", sorted(_family_configs()))
+# Qwen2 (q/k/v biases), Qwen3 (q/k norms) and Gemma 3 (q/k norms, four norms per layer, sliding and
+# full layers): Gemma 2's and Mistral's layouts add nothing the three do not place.
+@pytest.mark.parametrize("name", ["gemma3", "qwen2", "qwen3"])
 def test_every_family_prunes_sharded_like_one_device(name):
     """Wanda on a 4 x 2 data x tensor mesh (q/k/v/gate/up split by output, o/down by input, biases
     and q/k norms placed by the Layout) gives the one-device masks, and the masks keep the params' shardings."""
