@@ -26,7 +26,7 @@ FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "tiny_opt")
 
 
 def reference_calibration(tok):
-    return jp.calibration_windows(tok, [jp.bundled_text("emma"), jp.bundled_text("mansfieldpark")],
+    return jp.calibration_windows(tok, [jp.bundled_text(n) for n in jp.data.CALIBRATION_TEXTS],
                                   n=CALIBRATION_WINDOWS, seqlen=512, seed=0)
 
 
@@ -37,7 +37,7 @@ def test_smollm2_one_shot_quality_matches_the_reference(smollm2, method):
     deterministic given the calibration, so they must also not be much *better* than the reference
     (a sign of a different protocol); with the bands, SparseGPT < Wanda < magnitude follows."""
     params, tok = smollm2
-    ev = jp.eval_windows(tok, jp.bundled_text("prideprejudice"), seqlen=512, max_windows=EVAL_WINDOWS)
+    ev = jp.eval_windows(tok, jp.bundled_text(jp.data.EVALUATION_TEXT), seqlen=512, max_windows=EVAL_WINDOWS)
     if method == "magnitude":
         pruned = jp.apply_masks(params, jp.magnitude(params, 0.5))
     elif method == "wanda":

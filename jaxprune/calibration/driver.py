@@ -318,8 +318,9 @@ class LayerPruner:
 
         `take_mask(path, keep)`, if given, receives each mask as soon as it exists and step returns
         {} for them, so the caller can store them compactly and free them. `layer_type` is the
-        layer's `models.layer_type` (needed where types differ). With `need_output=False` (the last layer) a layer left unpruned, or one pruned in sequential mode,
-        is not run again and X comes back unchanged."""
+        layer's `models.layer_type` (needed where types differ). With `need_output=False` (the last
+        layer) a layer left unpruned, or one pruned in sequential mode, is not run again and X comes
+        back unchanged."""
         if not target:
             return lp, {}, (self.run(lp, X, ctx, kg, layer_type) if need_output else X)
         if self.mode == "as-you-go":

@@ -91,10 +91,10 @@ def test_wanda_nm_and_sharded_params_in(model):
         np.testing.assert_array_equal(a, b)
 
 
-def test_sparsegpt_on_1_and_8_devices_and_4x2():
+@pytest.mark.parametrize("model", ["llama"], indirect=True)
+def test_sparsegpt_on_1_and_8_devices_and_4x2(model):
     """On Llama (OPT's layers shard by the same rules, and its Wanda masks are checked above)."""
-    params = jp.init(LLAMA, jax.random.key(0))
-    calib = np.asarray(jax.random.randint(jax.random.key(1), (16, 32), 0, LLAMA.vocab_size))
+    params, calib = model
     ref_p, ref_m = jp.sparsegpt(params, calib, 0.5, blocksize=32)
     for name, mesh in list(meshes().items())[1:]:
         new_p, masks = jp.sparsegpt(params, calib, 0.5, blocksize=32, mesh=mesh)
