@@ -123,16 +123,22 @@ def _one_pass(lp, X, ctx, counts, config, kg, kind, rule, target, layer_type=Non
     return new_lp, masks, Y
 
 
-def _stage_pass(lp, x, ctx, ins, stage, config, kg, kind, layer_type=None):
-    """One chunk of one as-you-go stage: the modules of finished stages (the keys of `ins`, their
-    cached inputs) compute from those inputs with lp's (pruned) weights, so XLA drops the work that
-    produced them. Returns (the input that `stage`'s modules share, its statistic), or, for the
+def _stage_pass(lp, x, ctx, ins, outs, stage, config, kg, kind, layer_type=None, keep_outputs=()):
+    """One chunk of one as-you-go stage: the modules of finished stages compute from their cached
+    inputs (`ins`) with lp's (pruned) weights, or give their cached outputs (`outs`), so XLA drops the
+    work that produced those. Returns (the input that `stage`'s modules share, its statistic,
+    {path: output} of the modules in `keep_outputs` computed here from a cached input), or, for the
     empty stage, the layer's output."""
-    found = []
+    found, computed = [], {}
 
     def on_dense(path, module, xin, call):
+        if path in outs:
+            return outs[path]
         if path in ins:
-            return _dense_from(ins[path], module.variables["params"])
+            y = _dense_from(ins[path], module.variables["params"])
+            if path in keep_outputs:
+                computed[path] = y
+            return y
         if path in stage and not found:
             found.append(xin)
         return call()
@@ -141,7 +147,16 @@ def _stage_pass(lp, x, ctx, ins, stage, config, kg, kind, layer_type=None):
         y = _family_layer(config, lp, x, ctx, kg, layer_type)
     if not stage:
         return y
-    return found[0], (input_stat(kind, found[0]) if kind else None)
+    return found[0], (input_stat(kind, found[0]) if kind else None), computed
+
+
+def _residual_writers(config) -> tuple:
+    """Module paths of the linear layers that write the residual stream (output role ``hidden``:
+    o_proj, down_proj, fc2): a later as-you-go pass needs their outputs, not their inputs."""
+    try:
+        return tuple(l.path for l in models.layout_of(config).linears if l.roles[1] == "hidden")
+    except (KeyError, AttributeError):
+        return ()
 
 
 # The compiled passes, built once: everything that selects a program (the config, the layer's K/V
@@ -155,7 +170,7 @@ _prune_one_jit = jax.jit(_prune_one, static_argnames=("rule", "path"))
 _prune_one_donating_jit = jax.jit(_prune_one, static_argnames=("rule", "path"), donate_argnums=(0,))
 _prune_group_jit = jax.jit(_prune_group, static_argnames=("rule",))
 _one_pass_jit = jax.jit(_one_pass, static_argnames=_LAYER_STATIC + ("kind", "rule", "target"))
-_stage_pass_jit = jax.jit(_stage_pass, static_argnames=_LAYER_STATIC + ("kind", "stage"))
+_stage_pass_jit = jax.jit(_stage_pass, static_argnames=_LAYER_STATIC + ("kind", "stage", "keep_outputs"))
 
 
 class LayerPruner:
@@ -284,16 +299,23 @@ class LayerPruner:
     def _staged(self, lp, X: list, ctx, kg, stages, sparsity, count, take_mask, layer_type, need_output):
         """As-you-go chunk by chunk: for each stage in call order, its shared input and statistic from
         every chunk (earlier stages' modules computing from their cached inputs with pruned weights),
-        then its modules pruned (together where the rule solves groups). Costs about one forward of
-        the layer plus the cached inputs' memory."""
+        then its modules pruned (together where the rule solves groups). A module that writes the
+        residual stream (o_proj) is computed once from its cached input and its output kept for the
+        passes after. Costs about one forward of the layer plus the cached activations' memory."""
         ins = [{} for _ in X]
+        outs = [{} for _ in X]
         masks = {}
         groups = self.groups(lp, X[0], ctx, kg, layer_type)
+        writers = _residual_writers(self.config)
         for stage in stages:
             total = None
             for c, x in enumerate(X):
-                xin, st = _stage_pass_jit(lp, x, ctx, ins[c], config=self.config, kg=kg, kind=self.kind,
-                                          stage=stage, layer_type=layer_type)
+                xin, st, computed = _stage_pass_jit(lp, x, ctx, ins[c], outs[c], config=self.config, kg=kg,
+                                                    kind=self.kind, stage=stage, layer_type=layer_type,
+                                                    keep_outputs=tuple(p for p in writers if p in ins[c]))
+                for path, y in computed.items():
+                    outs[c][path] = y
+                    del ins[c][path]
                 ins[c].update(dict.fromkeys(stage, xin))
                 total = st if total is None else jax.tree.map(jnp.add, total, st)
             lp, stage_masks = self.prune(lp, dict.fromkeys(stage, total), count, sparsity, take_mask, groups)
@@ -301,7 +323,7 @@ class LayerPruner:
             del total
         if not need_output:
             return lp, masks, X
-        Y = [_stage_pass_jit(lp, x, ctx, ins[c], config=self.config, kg=kg, kind=self.kind, stage=(),
+        Y = [_stage_pass_jit(lp, x, ctx, ins[c], outs[c], config=self.config, kg=kg, kind=self.kind, stage=(),
                              layer_type=layer_type) for c, x in enumerate(X)]
         return lp, masks, Y
 
