@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxprune import models
+from jaxprune.models.layout import SUBLAYERS
 from jaxprune.errors import InvalidArgumentError, check_int
 from jaxprune.core.params import Params, get_path, set_path
 from jaxprune.core.progress import progress
@@ -151,12 +152,13 @@ def _stage_pass(lp, x, ctx, ins, outs, stage, config, kg, kind, layer_type=None,
 
 
 def _residual_writers(config) -> tuple:
-    """Module paths of the linear layers that write the residual stream (output role ``hidden``:
-    o_proj, down_proj, fc2): a later as-you-go pass needs their outputs, not their inputs."""
+    """Module paths of the layers' output projections (o_proj, down_proj, fc2: `Layout.output_projection`),
+    which write the residual stream: a later as-you-go pass needs their outputs, not their inputs."""
     try:
-        return tuple(l.path for l in models.layout_of(config).linears if l.roles[1] == "hidden")
-    except (KeyError, AttributeError):
+        layout = models.layout_of(config)
+    except KeyError:
         return ()
+    return tuple(layout.output_projection(kind).path for kind in SUBLAYERS)
 
 
 # The compiled passes, built once: everything that selects a program (the config, the layer's K/V
@@ -200,6 +202,7 @@ class LayerPruner:
         self.donate, self.jit_passes = donate, jit_passes
         self._prune_one = _prune_one_donating_jit if donate else _prune_one_jit
         self._groups = {}
+        self._residual_writers = _residual_writers(config)
 
     def _pass(self, jitted, plain, lp, x, ctx, kg, **static):
         if self.jit_passes:
@@ -306,13 +309,13 @@ class LayerPruner:
         outs = [{} for _ in X]
         masks = {}
         groups = self.groups(lp, X[0], ctx, kg, layer_type)
-        writers = _residual_writers(self.config)
         for stage in stages:
             total = None
+            keep = tuple(p for p in self._residual_writers if p in ins[0])   # computed here from cached inputs
             for c, x in enumerate(X):
                 xin, st, computed = _stage_pass_jit(lp, x, ctx, ins[c], outs[c], config=self.config, kg=kg,
                                                     kind=self.kind, stage=stage, layer_type=layer_type,
-                                                    keep_outputs=tuple(p for p in writers if p in ins[c]))
+                                                    keep_outputs=keep)
                 for path, y in computed.items():
                     outs[c][path] = y
                     del ins[c][path]
